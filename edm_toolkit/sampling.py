@@ -1,0 +1,215 @@
+"""The one sampling loop: discretization + schedule + scaling + churn + solver around any denoiser.
+
+It generalises EDM's Algorithm 2 (the ``ablation_sampler`` of EDM's generate.py): noise levels from the
+discretization, clamped to the network's range and rounded with ``net.round_sigma``, mapped to times
+t_i = sigma^-1(sigma_i) with t_N = 0; at each step churn raises the noise to t_hat and the solver integrates
+the ODE of Eq. 4 to t_{i+1}. Everything that does not depend on x is computed once, before the loop, so the
+loop itself is only the solver's tensor arithmetic and the network calls. Computation is in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import torch
+
+from .discretizations import DISCRETIZATIONS, Discretization, EDMDiscretization
+from .errors import ConfigError
+from .schedules import SCALINGS, SCHEDULES, LinearSchedule, NoiseSchedule, NoScaling, Scaling
+from .solvers import SOLVERS, Heun, Solver
+from .solvers.base import ProbabilityFlowODE
+
+
+@dataclass(frozen=True)
+class Churn:
+    """Stochastic churn (EDM Algorithm 2): gamma_i = min(S_churn/N, sqrt(2) - 1) where S_min <= sigma_i <= S_max,
+    and x_hat = x + sqrt(sigma_hat^2 - sigma_i^2) S_noise eps with sigma_hat = (1 + gamma_i) sigma_i."""
+
+    S_churn: float = 0.0
+    S_min: float = 0.0
+    S_max: float = math.inf
+    S_noise: float = 1.0
+
+    def __post_init__(self):
+        if not self.S_churn >= 0:
+            raise ConfigError(f"S_churn must be >= 0, got {self.S_churn}")
+        if not 0 <= self.S_min <= self.S_max:
+            raise ConfigError(f"need 0 <= S_min <= S_max, got S_min={self.S_min}, S_max={self.S_max}")
+        if not (self.S_noise >= 0 and math.isfinite(self.S_noise)):
+            raise ConfigError(f"S_noise must be a finite number >= 0, got {self.S_noise}")
+
+    def gamma(self, sigma: torch.Tensor, num_steps: int) -> torch.Tensor:
+        active = (sigma >= self.S_min) & (sigma <= self.S_max)
+        gamma = torch.full(sigma.shape, min(self.S_churn / num_steps, math.sqrt(2) - 1), dtype=torch.float64)
+        return torch.where(active, gamma, torch.zeros_like(gamma))
+
+
+class StepInfo(NamedTuple):
+    """What a progress callback receives after each step."""
+
+    step: int  # 1-based index of the step just taken
+    num_steps: int
+    sigma: float  # noise level reached
+    nfe: int  # network evaluations so far
+    x: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Step:
+    record: Any  # the solver's precomputed coefficients
+    scale_hat: float  # s(t_hat)/s(t_i)
+    noise_std: float  # sqrt(sigma_hat^2 - sigma_i^2) s(t_hat) S_noise
+    draw_noise: bool
+    sigma_next: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything about a sampling run that does not depend on x."""
+
+    t_steps: torch.Tensor  # t_0..t_N (t_N = 0), float64
+    sigma_steps: torch.Tensor  # sigma(t_0)..sigma(t_N)
+    x_scale: float  # sigma(t_0) s(t_0): the latents' multiplier
+    steps: Sequence[_Step]
+    nfe: int
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A composed sampler. Components are given as instances or names (``Sampler(solver="euler")``).
+
+    ``sigma_min``/``sigma_max`` of None take the discretization's default range; either way the range is clamped
+    to the network's [sigma_min, sigma_max].
+    """
+
+    solver: Solver = field(default_factory=Heun)
+    discretization: Discretization = field(default_factory=EDMDiscretization)
+    schedule: NoiseSchedule = field(default_factory=LinearSchedule)
+    scaling: Scaling = field(default_factory=NoScaling)
+    num_steps: int = 18
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    churn: Churn = field(default_factory=Churn)
+
+    def __post_init__(self):
+        for name, registry in (("solver", SOLVERS), ("discretization", DISCRETIZATIONS),
+                               ("schedule", SCHEDULES), ("scaling", SCALINGS)):
+            object.__setattr__(self, name, registry.create(getattr(self, name)))
+        if isinstance(self.churn, Mapping):
+            object.__setattr__(self, "churn", Churn(**self.churn))
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 2:
+            raise ConfigError(f"num_steps must be an integer >= 2, got {self.num_steps!r}")
+        for name in ("sigma_min", "sigma_max"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be > 0, got {value}")
+        if self.sigma_min is not None and self.sigma_max is not None and not self.sigma_min < self.sigma_max:
+            raise ConfigError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
+
+    def replace(self, **changes) -> "Sampler":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations one call costs."""
+        return self.solver.evaluations(self.num_steps)
+
+    def sigma_range(self, net) -> tuple[float, float]:
+        """[sigma_min, sigma_max]: the given or default range, clamped to what the network supports."""
+        default_min, default_max = self.discretization.default_sigma_range
+        lo = default_min if self.sigma_min is None else self.sigma_min
+        hi = default_max if self.sigma_max is None else self.sigma_max
+        lo, hi = max(lo, getattr(net, "sigma_min", 0.0)), min(hi, getattr(net, "sigma_max", math.inf))
+        if not lo < hi:
+            raise ConfigError(
+                f"empty noise range: sigma_min {lo:g} >= sigma_max {hi:g} after clamping to the network's "
+                f"range [{getattr(net, 'sigma_min', 0.0):g}, {getattr(net, 'sigma_max', math.inf):g}]"
+            )
+        return lo, hi
+
+    def plan(self, net, device: torch.device | str = "cpu") -> Plan:
+        """Precomputes the time steps, churn and solver coefficients for ``net`` (EDM Algorithm 2, lines 1-6)."""
+        round_sigma = getattr(net, "round_sigma", torch.as_tensor)
+        lo, hi = self.sigma_range(net)
+        schedule = self.schedule.bind(lo, hi)
+        ode = ProbabilityFlowODE(schedule, self.scaling)
+        N = self.num_steps
+
+        sigma_steps = self.discretization.sigma_steps(N, lo, hi)
+        t_cur = schedule.sigma_inv(_round(round_sigma, sigma_steps))
+        t_next = torch.cat([t_cur[1:], torch.zeros(1, dtype=torch.float64)])
+        sigma_cur = schedule.sigma(t_cur)
+        gamma = self.churn.gamma(sigma_cur, N)
+        t_hat = torch.where(gamma > 0, schedule.sigma_inv(_round(round_sigma, sigma_cur + gamma * sigma_cur)), t_cur)
+        sigma_hat = schedule.sigma(t_hat)
+        s_cur, s_hat = ode.s(t_cur), ode.s(t_hat)
+        noise_std = (sigma_hat**2 - sigma_cur**2).clip(min=0).sqrt() * s_hat * self.churn.S_noise
+        last_draw = int(torch.nonzero(gamma > 0).max()) if bool((gamma > 0).any()) else -1
+
+        records = self.solver.prepare(ode, t_hat, t_next, device)
+        steps = [
+            _Step(record, scale, std, i <= last_draw, sig)
+            for i, (record, scale, std, sig) in enumerate(
+                zip(records, (s_hat / s_cur).tolist(), noise_std.tolist(), sigma_cur[1:].tolist() + [0.0])
+            )
+        ]
+        t_all = torch.cat([t_cur, torch.zeros(1, dtype=torch.float64)])
+        return Plan(
+            t_steps=t_all,
+            sigma_steps=torch.cat([sigma_cur, torch.zeros(1, dtype=torch.float64)]),
+            x_scale=float(schedule.sigma(t_cur[0]) * ode.s(t_cur[0])),
+            steps=steps,
+            nfe=self.solver.evaluations(N),
+        )
+
+    def __call__(
+        self,
+        net,
+        latents: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        *,
+        randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+        callback: Callable[[StepInfo], None] | None = None,
+        plan: Plan | None = None,
+    ) -> torch.Tensor:
+        """Draws samples from unit-variance ``latents``; returns float64 images at sigma = 0.
+
+        ``randn_like`` supplies the churn noise (pass per-seed generators for batch-independent results; it is
+        called once per step up to the last step with churn, as EDM does). ``callback`` gets a StepInfo per step.
+        """
+        plan = plan if plan is not None else self.plan(net, latents.device)
+        nfe = 0
+
+        def evaluate(x, point):
+            nonlocal nfe
+            nfe += 1
+            D = net(x if point.inv_s == 1.0 else x * point.inv_s, point.sigma_net, class_labels).to(torch.float64)
+            return torch.sub(x, D, alpha=point.c).mul_(point.a)
+
+        x = latents.to(torch.float64) * plan.x_scale
+        for i, step in enumerate(plan.steps):
+            if step.draw_noise:
+                eps = randn_like(x)
+                if step.noise_std > 0:
+                    x = torch.add(x * step.scale_hat, eps, alpha=step.noise_std)
+            x = self.solver.step(x, step.record, evaluate)
+            if callback is not None:
+                callback(StepInfo(i + 1, len(plan.steps), step.sigma_next, nfe, x))
+        return x
+
+
+def _round(round_sigma, sigma: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(round_sigma(sigma), dtype=torch.float64)
+
+
+def sample(net, latents, class_labels=None, *, randn_like=torch.randn_like, callback=None, **options) -> torch.Tensor:
+    """Functional form: ``sample(net, latents, solver="heun", num_steps=18, S_churn=40, ...)``.
+
+    Options are the Sampler fields plus the churn parameters S_churn, S_min, S_max, S_noise.
+    """
+    churn = {k: options.pop(k) for k in ("S_churn", "S_min", "S_max", "S_noise") if k in options}
+    sampler = Sampler(**options, churn=Churn(**churn))
+    return sampler(net, latents, class_labels, randn_like=randn_like, callback=callback)
