@@ -1,0 +1,178 @@
+"""edm generate: a drop-in for EDM's generate.py, on any preset, solver and network."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import click
+
+from ..discretizations import DISCRETIZATIONS
+from ..errors import EDMToolkitError
+from ..schedules import SCALINGS, SCHEDULES
+from ..solvers import SOLVERS
+
+
+def parse_seeds(value) -> list[int]:
+    """EDM's seed syntax: a comma-separated list of non-negative integers and ranges, e.g. 1,2,5-10."""
+    if isinstance(value, list):
+        return value
+    seeds: list[int] = []
+    for part in str(value).split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(\d+)-(\d+)", part)
+        if match:
+            lo, hi = int(match.group(1)), int(match.group(2))
+            if hi < lo:
+                raise click.BadParameter(f"range {part!r} is empty; write it low-high, e.g. 0-63")
+            seeds.extend(range(lo, hi + 1))
+        elif part.isdigit():
+            seeds.append(int(part))
+        else:
+            raise click.BadParameter(f"{part!r} is not a seed; use non-negative integers and ranges, e.g. 1,2,5-10")
+    return seeds
+
+
+class _Seeds(click.ParamType):
+    name = "LIST"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_seeds(value)
+        except click.BadParameter as exc:
+            self.fail(exc.message, param, ctx)
+
+
+def _choice(registry):
+    return click.Choice(registry.names())
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--network", "network_path", metavar="PATH", default=None,
+              help="Model file to sample  [default: the built-in model, no download]")
+@click.option("--outdir", required=True, metavar="DIR", type=click.Path(file_okay=False),
+              help="Where to save the output images")
+@click.option("--seeds", type=_Seeds(), default="0-63", help="Random seeds (e.g. 1,2,5-10)")
+@click.option("--subdirs", is_flag=True, help="Create a subdirectory for every 1000 seeds")
+@click.option("--class", "class_idx", type=click.IntRange(min=0), default=None, metavar="INT",
+              help="Class label  [default: random]")
+@click.option("--batch", "max_batch_size", type=click.IntRange(min=1), default=64, metavar="INT",
+              help="Maximum batch size")
+@click.option("--preset", default="edm", metavar="NAME|PATH",
+              help="Sampling defaults: a built-in preset (see 'edm presets') or a preset .toml file")
+@click.option("--steps", "num_steps", type=click.IntRange(min=2), default=None, metavar="INT",
+              help="Number of sampling steps  [default: the preset's, 18 for edm]")
+@click.option("--sigma_min", type=click.FloatRange(min=0, min_open=True), default=None, metavar="FLOAT",
+              help="Lowest noise level  [default: varies with --disc]")
+@click.option("--sigma_max", type=click.FloatRange(min=0, min_open=True), default=None, metavar="FLOAT",
+              help="Highest noise level  [default: varies with --disc]")
+@click.option("--rho", type=click.FloatRange(min=0, min_open=True), default=None, metavar="FLOAT",
+              help="Time step exponent of --disc edm  [default: 7]")
+@click.option("--S_churn", "S_churn", type=click.FloatRange(min=0), default=None, metavar="FLOAT",
+              help="Stochasticity strength  [default: 0]")
+@click.option("--S_min", "S_min", type=click.FloatRange(min=0), default=None, metavar="FLOAT",
+              help="Stoch. min noise level  [default: 0]")
+@click.option("--S_max", "S_max", type=click.FloatRange(min=0), default=None, metavar="FLOAT",
+              help="Stoch. max noise level  [default: inf]")
+@click.option("--S_noise", "S_noise", type=click.FloatRange(min=0), default=None, metavar="FLOAT",
+              help="Stoch. noise inflation  [default: 1]")
+@click.option("--solver", type=_choice(SOLVERS), default=None, help="ODE solver  [default: the preset's]")
+@click.option("--disc", "discretization", type=_choice(DISCRETIZATIONS), default=None,
+              help="Time step discretization {t_i}  [default: the preset's]")
+@click.option("--schedule", type=_choice(SCHEDULES), default=None, help="Noise schedule sigma(t)  [default: the preset's]")
+@click.option("--scaling", type=_choice(SCALINGS), default=None, help="Signal scaling s(t)  [default: the preset's]")
+@click.option("--grid", is_flag=True, help="Also write all images as one PNG grid, DIR/grid.png")
+@click.option("--device", default=None, metavar="DEVICE", help="Torch device  [default: cuda if available, else cpu]")
+def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, preset, grid, device, **options):
+    """Generate images with any sampler of the design space (EDM's generate.py options).
+
+    \b
+    Examples:
+      edm generate --outdir out --seeds 0-15 --grid            # built-in model, EDM sampler
+      edm generate --solver heun --steps 35 --outdir out
+      edm generate --preset vp --network model.pt --outdir out --disc edm --schedule linear --scaling none
+      torchrun --standalone --nproc_per_node=2 -m edm_toolkit generate --outdir out --seeds 0-999
+    """
+    import torch
+
+    from ..distributed import init_from_env, shutdown
+    from ..generate import check_class, generate_images, write_grid
+
+    if not seeds:
+        raise click.BadParameter("no seeds given", param_hint="'--seeds'")
+    if Path(outdir).exists() and not Path(outdir).is_dir():
+        raise click.BadParameter(f"{outdir!r} exists and is not a directory", param_hint="'--outdir'")
+    device = _resolve_device(device)
+    sampler = _sampler_from_options(preset, options)
+    group = init_from_env(device.type)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", group.local_rank)
+    try:
+        net = _load_network(network_path, device, echo=group.rank == 0)
+        check_class(net, class_idx)
+        sampler.sigma_range(net)  # fail now on an empty noise range, not after loading every rank
+        if group.rank == 0:
+            click.echo(f"Generating {len(seeds)} images to {str(outdir)!r} ({sampler.num_steps} steps, "
+                       f"{sampler.nfe} NFE per image, {sampler.solver.name}/{sampler.discretization.name}/"
+                       f"{sampler.schedule.name}/{sampler.scaling.name}, {device})", err=True)
+        generate_images(net, sampler, seeds, outdir, max_batch_size=max_batch_size, class_idx=class_idx,
+                        subdirs=subdirs, device=device, group=group)
+        group.barrier()
+        if group.rank == 0:
+            if grid:
+                click.echo(f"Wrote grid {write_grid(seeds, outdir, subdirs)}", err=True)
+            click.echo("Done.", err=True)
+    finally:
+        shutdown()
+
+
+def _resolve_device(name):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"{name!r} is not a torch device; use cpu, cuda or cuda:N", param_hint="'--device'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA was requested but is not available; use --device cpu", param_hint="'--device'")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise click.BadParameter(f"unsupported device type {device.type!r}; use cpu or cuda", param_hint="'--device'")
+    return device
+
+
+def _sampler_from_options(preset_name, options):
+    """The preset's sampler with the given command-line options replacing its values."""
+    from ..presets import load_preset
+
+    sampler = load_preset(preset_name).sampling
+    given = {k: v for k, v in options.items() if v is not None}
+    changes = {k: given[k] for k in ("num_steps", "sigma_min", "sigma_max") if k in given}
+    for key in ("solver", "discretization", "schedule", "scaling"):
+        if key in given and given[key] != getattr(sampler, key).name:
+            changes[key] = given[key]  # a new component with its default parameters
+    churn = {k: given[k] for k in ("S_churn", "S_min", "S_max", "S_noise") if k in given}
+    if churn:
+        changes["churn"] = sampler.churn.__class__(**{**sampler.churn.__dict__, **churn})
+    sampler = sampler.replace(**changes)
+    if "rho" in given:
+        if sampler.discretization.name != "edm":
+            raise EDMToolkitError(f"--rho applies to --disc edm only, but the discretization is "
+                                  f"{sampler.discretization.name!r}; drop --rho or add --disc edm")
+        sampler = sampler.replace(discretization={"name": "edm", "rho": given["rho"]})
+    return sampler
+
+
+def _load_network(path, device, echo=True):
+    from ..checkpoints import load_model
+    from ..default_model import NAME, default_model
+
+    if path is None:
+        if echo:
+            click.echo(f"Using the {NAME}", err=True)
+        return default_model().to(device)
+    if echo:
+        click.echo(f"Loading network from {str(path)!r}...", err=True)
+    return load_model(path, device)

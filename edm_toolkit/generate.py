@@ -1,0 +1,117 @@
+"""Image generation: seeds -> per-seed latents, labels and churn noise -> sampler -> PNG files.
+
+Follows EDM's generate.py: one generator per seed (latent, then label, then churn noise), so an image depends
+only on its seed, not on the batch it was drawn in or on the process that drew it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .distributed import ProcessGroup, rank_batches
+from .errors import EDMToolkitError
+from .images import image_path, make_grid, save_png, to_uint8
+from .rng import SeedGenerators
+from .sampling import Sampler, StepInfo
+
+
+def check_class(net, class_idx: int | None) -> None:
+    label_dim = int(getattr(net, "label_dim", 0) or 0)
+    if class_idx is None:
+        return
+    if label_dim == 0:
+        raise EDMToolkitError("--class was given but the network is unconditional (label_dim 0); drop --class")
+    if not 0 <= class_idx < label_dim:
+        raise EDMToolkitError(f"--class {class_idx} is out of range: the network has classes 0..{label_dim - 1}")
+
+
+def sample_batch(net, sampler: Sampler, seeds: Sequence[int], device, class_idx: int | None = None,
+                 callback: Callable[[StepInfo], None] | None = None, plan=None) -> torch.Tensor:
+    """float64 images [len(seeds), C, H, W] for these seeds, exactly as EDM's generate.py draws them."""
+    rnd = SeedGenerators(seeds, device)
+    latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    class_labels = None
+    label_dim = int(getattr(net, "label_dim", 0) or 0)
+    if label_dim:
+        class_labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[len(seeds)], device=device)]
+        if class_idx is not None:
+            class_labels[:, :] = 0
+            class_labels[:, class_idx] = 1
+    with torch.no_grad():
+        return sampler(net, latents, class_labels, randn_like=rnd.randn_like, callback=callback, plan=plan)
+
+
+class Progress:
+    """Progress on stderr: one updating line on a terminal, one line per batch otherwise."""
+
+    def __init__(self, num_images: int, nfe_per_batch: int, enabled: bool = True, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = self.enabled and self.stream.isatty()
+        self.num_images, self.nfe_per_batch = num_images, nfe_per_batch
+        self.done = 0
+        self.start = time.perf_counter()
+
+    def _line(self, extra: str = "") -> str:
+        elapsed = time.perf_counter() - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        return f"{self.done}/{self.num_images} images{extra} | {elapsed:.1f} s | {rate:.2f} img/s"
+
+    def step(self, info: StepInfo) -> None:
+        if self.tty:
+            self.stream.write(f"\r{self._line(f' | step {info.step}/{info.num_steps}, {info.nfe}/{self.nfe_per_batch} NFE')}\033[K")
+            self.stream.flush()
+
+    def batch_done(self, count: int) -> None:
+        self.done += count
+        if self.enabled:
+            self.stream.write(("\r" + self._line() + "\033[K") if self.tty else self._line() + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def generate_images(
+    net, sampler: Sampler, seeds: Sequence[int], outdir: str | Path, *, max_batch_size: int = 64,
+    class_idx: int | None = None, subdirs: bool = False, device="cpu", group: ProcessGroup = ProcessGroup(),
+    progress: bool = True,
+) -> list[Path]:
+    """Writes one PNG per seed (this process's share of the seeds); returns the paths it wrote."""
+    check_class(net, class_idx)
+    device = torch.device(device)
+    batches = rank_batches(list(seeds), max_batch_size, group)
+    plan = sampler.plan(net, device)
+    meter = Progress(sum(len(b) for b in batches), plan.nfe, enabled=progress and group.rank == 0)
+    written: list[Path] = []
+    try:
+        for batch_seeds in batches:
+            if not batch_seeds:
+                continue
+            images = sample_batch(net, sampler, batch_seeds, device, class_idx, callback=meter.step, plan=plan)
+            for seed, image in zip(batch_seeds, to_uint8(images)):
+                path = image_path(outdir, seed, subdirs)
+                save_png(image, path)
+                written.append(path)
+            meter.batch_done(len(batch_seeds))
+    finally:
+        meter.close()
+    return written
+
+
+def write_grid(seeds: Sequence[int], outdir: str | Path, subdirs: bool = False, name: str = "grid.png") -> Path:
+    """Tiles the images of ``seeds`` (read back from outdir) into outdir/grid.png."""
+    images = [np.asarray(Image.open(image_path(outdir, s, subdirs))) for s in dict.fromkeys(seeds)]
+    images = [im[:, :, None] if im.ndim == 2 else im for im in images]
+    path = Path(outdir) / name
+    save_png(make_grid(images), path)
+    return path
