@@ -71,7 +71,11 @@ class IdealDenoiser(nn.Module):
         shape = x.shape
         x = x.to(torch.float64)
         sigma = _as_column(sigma, x.flatten(1))
-        mean = self.posterior(x, sigma, class_labels) @ self.data.flatten(1)  # sum_i r_i y_i
+        r = self.posterior(x, sigma, class_labels)
+        data = self.data.flatten(1)
+        # sum_i r_i y_i as a batched product: unlike one [B, n] @ [n, D] matmul, every row is computed by the
+        # same kernel whatever B is, so an image does not depend on the batch it was drawn in.
+        mean = torch.bmm(r.unsqueeze(1), data.expand(len(r), *data.shape)).squeeze(1)
         if self.width == 0:
             return mean.reshape(shape)
         s2 = self.width**2
