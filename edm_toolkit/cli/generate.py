@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import click
 
@@ -101,8 +100,6 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
 
     if not seeds:
         raise click.BadParameter("no seeds given", param_hint="'--seeds'")
-    if Path(outdir).exists() and not Path(outdir).is_dir():
-        raise click.BadParameter(f"{outdir!r} exists and is not a directory", param_hint="'--outdir'")
     device = _resolve_device(device)
     sampler = _sampler_from_options(preset, options)
     group = init_from_env(device.type)
@@ -138,6 +135,9 @@ def _resolve_device(name):
         raise click.BadParameter(f"{name!r} is not a torch device; use cpu, cuda or cuda:N", param_hint="'--device'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("CUDA was requested but is not available; use --device cpu", param_hint="'--device'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise click.BadParameter(f"CUDA device {device.index} does not exist ({torch.cuda.device_count()} visible)",
+                                 param_hint="'--device'")
     if device.type not in ("cpu", "cuda", "mps"):
         raise click.BadParameter(f"unsupported device type {device.type!r}; use cpu or cuda", param_hint="'--device'")
     return device
