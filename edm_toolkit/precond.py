@@ -180,6 +180,8 @@ class IDDPMPrecond(Preconditioner):
     def __init__(self, model=None, *, C_1=0.001, C_2=0.008, M=1000, **kwargs):
         super().__init__(model, **kwargs)
         self.C_1, self.C_2, self.M = float(C_1), float(C_2), int(M)
+        if not 2 <= self.M <= 100_000:  # the table is built step by step: bound the work a file can ask for
+            raise ConfigError(f"iddpm preconditioner M must lie in [2, 100000], got {M}")
         self.register_buffer("u", iddpm_sigma_table(self.C_1, self.C_2, self.M, dtype=torch.float32))
         self.sigma_min = float(self.u[self.M - 1])
         self.sigma_max = float(self.u[0])

@@ -1,0 +1,654 @@
+"""Safe reading of NVlabs/edm network pickles, without executing any code from the file.
+
+EDM writes ``edm-*.pkl``, ``baseline-*.pkl`` and ``network-snapshot-*.pkl`` with ``pickle.dump`` of
+``{'ema': <preconditioner>, 'loss_fn', 'augment_pipe' (or None), 'dataset_kwargs'}`` and
+``training-state-*.pt`` with ``torch.save`` of ``{'net': <preconditioner>, 'optimizer_state'}``. Every
+network class is a ``torch_utils.persistence`` class: it pickles as a call
+``_reconstruct_persistent_obj(meta)``, ``meta = {'type': 'class', 'version': 6, 'module_src': <source text>,
+'class_name', 'state': obj.__dict__}``, and EDM's own loader *executes* ``module_src``.
+
+This reader never does. It unpickles with an explicit allowlist of globals, each mapped to a handler of its
+own that only builds data: persistent objects become :class:`PersistentObject` records (their source text is
+ignored), tensors are rebuilt from their storages, numpy scalars become Python numbers. Any other global
+(``os.system``, ``builtins.eval``, ...) and any unknown persistent class name raises
+:class:`~edm_toolkit.errors.CheckpointError`. The networks are then built from the toolkit's own classes
+(:mod:`edm_toolkit.precond`, ``SongUNet``, ``DhariwalUNet``) with the constructor arguments that EDM records
+(``_init_args`` / ``_init_kwargs``) and all tensors are loaded by name with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import contextlib
+import io
+import os
+import pickle
+import re
+import sys
+import warnings
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any, NamedTuple, Union
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..networks.dhariwal_unet import DhariwalUNet
+from ..networks.song_unet import SongUNet
+from ..precond import EDMPrecond, IDDPMPrecond, Preconditioner, VEPrecond, VPPrecond
+
+__all__ = ["inspect_edm_pickle", "load_edm_network", "read_edm_pickle"]
+
+FAMILY = "edm-pickle"
+PERSISTENCE_VERSION = 6  # torch_utils.persistence._version of NVlabs/edm
+
+PathOrFile = Union[str, os.PathLike, IO[bytes]]
+
+
+class _PrecondSpec(NamedTuple):
+    """How EDM's preconditioner class maps onto the toolkit's."""
+
+    cls: type[Preconditioner]
+    own_params: tuple[str, ...]  # EDM's parameters between use_fp16 and model_type, in order
+    default_model: str  # EDM's default model_type
+    out_channel_factor: int  # out_channels = img_channels * factor (learned variance doubles it)
+
+
+PRECONDITIONERS: dict[str, _PrecondSpec] = {
+    "VPPrecond": _PrecondSpec(VPPrecond, ("beta_d", "beta_min", "M", "epsilon_t"), "SongUNet", 1),
+    "VEPrecond": _PrecondSpec(VEPrecond, ("sigma_min", "sigma_max"), "SongUNet", 1),
+    "iDDPMPrecond": _PrecondSpec(IDDPMPrecond, ("C_1", "C_2", "M"), "DhariwalUNet", 2),
+    "EDMPrecond": _PrecondSpec(EDMPrecond, ("sigma_min", "sigma_max", "sigma_data"), "DhariwalUNet", 1),
+}
+BACKBONES: dict[str, type[nn.Module]] = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
+_LAYERS = frozenset({"Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding", "FourierEmbedding"})
+# Persistent classes accepted; the network classes are rebuilt, the others are kept as data records.
+NETWORK_CLASSES = frozenset(PRECONDITIONERS) | frozenset(BACKBONES) | _LAYERS
+DATA_CLASSES = frozenset({"VPLoss", "VELoss", "EDMLoss", "AugmentPipe"})
+_GEOMETRY = ("img_resolution", "img_channels", "label_dim", "use_fp16")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Records built by the unpickler (data only, no behaviour taken from the file)
+
+
+class PersistentObject:
+    """An EDM persistent object as data: its class name and pickled ``__dict__`` (``state``)."""
+
+    def __init__(self, class_name: str, state: dict):
+        self.class_name = class_name
+        self.state = state
+
+    def raw_arguments(self) -> tuple[list | tuple, dict]:
+        """The recorded ``(_init_args, _init_kwargs)`` as unpickled, checked for their container types."""
+        args, kwargs = self.state.get("_init_args"), self.state.get("_init_kwargs")
+        if args is None or kwargs is None:
+            raise CheckpointError(f"{self.class_name} does not record its constructor arguments")
+        if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+            raise CheckpointError(f"{self.class_name} has malformed constructor arguments")
+        if not all(isinstance(key, str) for key in kwargs):
+            raise CheckpointError(f"{self.class_name} has a non-string constructor keyword")
+        return args, kwargs
+
+    def init_arguments(self) -> tuple[list, dict]:
+        """The recorded constructor arguments, as plain data."""
+        args, kwargs = self.raw_arguments()
+        return _plain(list(args)), _plain(dict(kwargs))
+
+    def __setstate__(self, state):
+        raise CheckpointError(f"unexpected state for persistent {self.class_name} (EDM passes it in meta)")
+
+    def __repr__(self) -> str:
+        return f"PersistentObject({self.class_name!r})"
+
+
+class _TorchContainer(PersistentObject):
+    """A plain ``torch.nn`` container (ModuleDict, ModuleList, Sequential), rebuilt by NEWOBJ + BUILD."""
+
+    def __new__(cls, *args):  # NEWOBJ calls only __new__
+        container = super().__new__(cls)
+        PersistentObject.__init__(container, "torch.nn container", {})
+        return container
+
+    def __init__(self, *args):
+        pass
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):
+            raise CheckpointError("a torch.nn container has a malformed state")
+        self.state = state
+
+
+class _EasyDict(dict):
+    """dnnlib.util.EasyDict (a dict with attribute access) as a plain dict."""
+
+
+class _StorageType:
+    """torch.<Name>Storage as named in torch.save's persistent storage ids: only its dtype."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+
+class _NumpyDtype:
+    """numpy.dtype(spec, align, copy) + BUILD(state) for plain numeric and bool dtypes only."""
+
+    _SPEC = re.compile(r"[biufc]\d{1,2}")
+
+    def __init__(self, spec, align=False, copy=False):
+        if not (isinstance(spec, str) and self._SPEC.fullmatch(spec)):
+            raise CheckpointError(f"refused numpy dtype {spec!r} (only numeric and bool scalars are read)")
+        self.spec, self.byteorder = spec, "="
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "=")):
+            raise CheckpointError("malformed numpy dtype state")
+        self.byteorder = state[1]
+
+    def resolve(self):
+        import numpy as np
+
+        dtype = np.dtype(self.spec)
+        return dtype.newbyteorder(self.byteorder) if self.byteorder in "<>" else dtype
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Handlers of the allowlisted globals
+
+
+def _numpy_scalar(dtype, data):
+    """numpy.core.multiarray.scalar(dtype, bytes) as the equivalent Python number."""
+    import numpy as np
+
+    if not isinstance(dtype, _NumpyDtype) or not isinstance(data, bytes):
+        raise CheckpointError("malformed numpy scalar")
+    resolved = dtype.resolve()
+    if len(data) != resolved.itemsize:
+        raise CheckpointError("malformed numpy scalar (wrong byte count)")
+    return np.frombuffer(data, dtype=resolved)[0].item()
+
+
+def _storage_from_legacy_bytes(data):
+    """torch.storage._load_from_bytes: the bytes are a legacy torch.save of one storage, read weights-only."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise CheckpointError("malformed tensor storage (not bytes)")
+    storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise CheckpointError(f"malformed tensor storage ({type(storage).__name__})")
+    return storage
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """torch._utils._rebuild_tensor_v2 without hooks or metadata: a view of a storage read from the file."""
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise CheckpointError("malformed tensor (its storage is not a tensor storage)")
+    if not (_is_int(storage_offset) and isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))
+            and len(size) == len(stride) and all(_is_int(n) and n >= 0 for n in (storage_offset, *size, *stride))):
+        raise CheckpointError("malformed tensor (bad offset, size or stride)")
+    # torch's set_ would silently grow a storage that is too small: refuse instead.
+    extent = storage_offset + 1 + sum((n - 1) * step for n, step in zip(size, stride)) if all(size) else 0
+    if extent > storage.size():
+        raise CheckpointError("malformed tensor (it reaches past the end of its storage)")
+    tensor = torch.empty((0,), dtype=storage.dtype)
+    return tensor.set_(storage.untyped(), storage_offset, tuple(size), tuple(stride))
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    """torch._utils._rebuild_parameter: the parameter's tensor (the toolkit makes its own parameters)."""
+    if not isinstance(data, torch.Tensor):
+        raise CheckpointError("malformed parameter (no tensor)")
+    return data
+
+
+def _make_set(items=()):
+    """builtins.set(list) as written by pickle protocols 2 and 3."""
+    if not isinstance(items, (list, tuple)):
+        raise CheckpointError("malformed set")
+    return set(items)
+
+
+def _latin1_bytes(text, encoding="latin1"):
+    """_codecs.encode(text, 'latin1'): how protocol 2 writes bytes."""
+    if not (isinstance(text, str) and encoding in ("latin1", "latin-1")):
+        raise CheckpointError("malformed bytes (only latin-1 text is decoded)")
+    return text.encode("latin-1")
+
+
+_RECONSTRUCT = ("torch_utils.persistence", "_reconstruct_persistent_obj")
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool, "UntypedStorage": torch.uint8,
+}
+ALLOWED_GLOBALS: dict[tuple[str, str], Callable] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _storage_from_legacy_bytes,
+    ("torch.nn.modules.container", "ModuleDict"): _TorchContainer,
+    ("torch.nn.modules.container", "ModuleList"): _TorchContainer,
+    ("torch.nn.modules.container", "Sequential"): _TorchContainer,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy", "dtype"): _NumpyDtype,
+    ("builtins", "set"): _make_set,
+    ("_codecs", "encode"): _latin1_bytes,
+    ("dnnlib.util", "EasyDict"): _EasyDict,
+    **{("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
+}
+
+
+def _python3_name(module: str, name: str) -> tuple[str, str]:
+    """A global as Python 3 spells it: protocols 0-2 write Python 2 names (``__builtin__.set``)."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles EDM snapshots from allowlisted globals only; ``read_record(key)`` serves torch.save storages."""
+
+    def __init__(self, file: IO[bytes], read_record: Callable[[str], bytes] | None = None):
+        super().__init__(file)
+        self._read_record = read_record
+        self._storages: dict[str, torch.storage.TypedStorage] = {}
+        self.sources: set[str] = set()  # distinct module_src texts seen (never executed)
+
+    def find_class(self, module: str, name: str):
+        module, name = _python3_name(module, name)
+        if (module, name) == _RECONSTRUCT:
+            return self._persistent_object
+        handler = ALLOWED_GLOBALS.get((module, name))
+        if handler is None:
+            raise CheckpointError(
+                f"refused to load global '{module}.{name}' (not on the allowlist of EDM network pickles); "
+                "this file is not a plain EDM snapshot"
+            )
+        return handler
+
+    def _persistent_object(self, meta):
+        """torch_utils.persistence._reconstruct_persistent_obj(meta), as a data record."""
+        if not isinstance(meta, dict) or meta.get("type") != "class":
+            raise CheckpointError("malformed persistent object (expected meta type 'class')")
+        if meta.get("version") != PERSISTENCE_VERSION:
+            raise CheckpointError(
+                f"persistent object of version {meta.get('version')!r}; this reader knows version {PERSISTENCE_VERSION}"
+            )
+        class_name, source, state = meta.get("class_name"), meta.get("module_src"), meta.get("state")
+        if class_name not in NETWORK_CLASSES | DATA_CLASSES:
+            raise CheckpointError(
+                f"refused persistent class {class_name!r} (not an EDM network, loss or augment class known to "
+                "edm-toolkit); only EDM's own networks can be read"
+            )
+        if not isinstance(source, str) or not isinstance(state, dict):
+            raise CheckpointError(f"malformed persistent {class_name} (no source text or state)")
+        self.sources.add(source)  # opaque text: never compiled, executed or parsed
+        return PersistentObject(class_name, state)
+
+    def persistent_load(self, pid):
+        """torch.save's ('storage', <storage type>, key, location, numel) ids, served from the zip records."""
+        if self._read_record is None:
+            raise CheckpointError("unexpected persistent id in a plain pickle")
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and _is_int(pid[4])):
+            raise CheckpointError(f"malformed storage reference {pid!r:.80}")
+        _, storage_type, key, _location, numel = pid
+        if key not in self._storages:
+            self._storages[key] = _storage_from_record(self._read_record(key), storage_type.dtype, numel)
+        return self._storages[key]
+
+
+def _storage_from_record(data: bytes, dtype: torch.dtype, numel: int) -> torch.storage.TypedStorage:
+    """A CPU storage of ``numel`` elements of ``dtype`` from the raw little-endian bytes of a zip record."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(data) != numel * itemsize:
+        raise CheckpointError(f"tensor storage has {len(data)} bytes, expected {numel} x {itemsize}")
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return torch.storage.TypedStorage(wrap_storage=raw.untyped_storage(), dtype=dtype, _internal=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading files
+
+
+class _Unpickled(NamedTuple):
+    top: dict
+    sources: int  # number of distinct module sources ignored
+
+
+def _source_name(path_or_file: PathOrFile) -> str:
+    if isinstance(path_or_file, (str, os.PathLike)):
+        return os.fspath(path_or_file)
+    return str(getattr(path_or_file, "name", "<stream>"))
+
+
+def _unpickle_stream(stream: IO[bytes]) -> _Unpickled:
+    """Top level of a plain pickle or of a torch.save zip (training-state-*.pt)."""
+    if not stream.seekable():
+        stream = io.BytesIO(stream.read())
+    start = stream.tell()
+    is_zip = stream.read(4) == b"PK\x03\x04"
+    stream.seek(start)
+    if not is_zip:
+        unpickler = _RestrictedUnpickler(stream)
+        return _Unpickled(unpickler.load(), len(unpickler.sources))
+    with zipfile.ZipFile(stream) as archive:
+        pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") and name.count("/") == 1]
+        if len(pickles) != 1:
+            raise CheckpointError("zip file without exactly one <archive>/data.pkl: not a torch.save file")
+        prefix = pickles[0][: -len("data.pkl")]
+        byteorder = f"{prefix}byteorder"
+        if byteorder in archive.namelist() and archive.read(byteorder) != sys.byteorder.encode():
+            raise CheckpointError(f"tensors were saved in the byte order opposite to this {sys.byteorder}-endian CPU")
+        with archive.open(pickles[0]) as data_pkl:
+            unpickler = _RestrictedUnpickler(data_pkl, lambda key: archive.read(f"{prefix}data/{key}"))
+            return _Unpickled(unpickler.load(), len(unpickler.sources))
+
+
+@contextlib.contextmanager
+def _reported_as(context: str):
+    """Turns every failure into one CheckpointError line that starts with ``context`` (file, entry)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated")
+            yield
+    except CheckpointError as exc:
+        raise CheckpointError(f"{context}: {exc}") from None
+    except Exception as exc:  # any malformed input: truncated, corrupt, wrong types for a handler ...
+        detail = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(
+            f"{context}: not a readable EDM network pickle ({type(exc).__name__}: {detail}); "
+            "check that the file is a complete edm-*.pkl, network-snapshot-*.pkl or training-state-*.pt"
+        ) from None
+
+
+def _read(path_or_file: PathOrFile) -> tuple[_Unpickled, str]:
+    """Unpickles a snapshot restrictedly: (top-level dict, number of ignored sources), file name."""
+    source = _source_name(path_or_file)
+    with _reported_as(source):
+        if isinstance(path_or_file, (str, os.PathLike)):
+            if not Path(path_or_file).is_file():
+                raise CheckpointError("file not found")
+            with open(path_or_file, "rb") as stream:
+                result = _unpickle_stream(stream)
+        else:
+            result = _unpickle_stream(path_or_file)
+        if not isinstance(result.top, dict):
+            raise CheckpointError(f"top level is a {type(result.top).__name__}, not the dict of an EDM snapshot")
+    return _Unpickled(dict(result.top), result.sources), source
+
+
+def _plain(value):
+    """Unpickled data as plain Python: dicts, lists, tuples, sets, numbers, strings, tensors, and persistent
+    objects as ``{'class_name', 'init_args', 'init_kwargs'}`` (their public attributes when no arguments were
+    recorded). Shared references are converted once; reference cycles are refused."""
+    converted: dict[int, tuple[Any, Any]] = {}  # id -> (item, result); the item is kept so ids stay unique
+    active: set[int] = set()
+
+    def convert(item):
+        if isinstance(item, _NumpyDtype):
+            return str(item.resolve())
+        if not isinstance(item, (PersistentObject, dict, list, tuple, set, frozenset)):
+            return item
+        if id(item) in converted:
+            return converted[id(item)][1]
+        if id(item) in active:
+            raise CheckpointError("self-referencing data structure")
+        active.add(id(item))
+        if isinstance(item, PersistentObject):
+            if item.state.get("_init_args") is None or item.state.get("_init_kwargs") is None:
+                args = []
+                kwargs = {k: convert(v) for k, v in item.state.items() if not str(k).startswith("_")}
+            else:
+                args, kwargs = item.raw_arguments()
+                args, kwargs = list(convert(args)), convert(kwargs)
+            result = {"class_name": item.class_name, "init_args": args, "init_kwargs": kwargs}
+        elif isinstance(item, dict):
+            result = {key: convert(entry) for key, entry in item.items()}
+        else:
+            container = list if isinstance(item, list) else tuple if isinstance(item, tuple) else set
+            result = container(convert(entry) for entry in item)
+        active.discard(id(item))
+        converted[id(item)] = (item, result)
+        return result
+
+    return convert(value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rebuilding networks
+
+
+def _module_tensors(node: PersistentObject, parameters_only: bool = False) -> dict[str, torch.Tensor]:
+    """The state_dict of a pickled module tree: _parameters and persistent _buffers by qualified name."""
+    tensors: dict[str, torch.Tensor] = {}
+    groups = ("_parameters",) if parameters_only else ("_parameters", "_buffers")
+    pending, seen = [("", node)], set()
+    while pending:
+        prefix, module = pending.pop()
+        if id(module) in seen:
+            raise CheckpointError(f"module {prefix.rstrip('.') or module.class_name} appears twice in the network tree")
+        seen.add(id(module))
+        state = module.state
+        skipped = state.get("_non_persistent_buffers_set") or set()
+        for group in groups:
+            entries = state.get(group) or {}
+            if not isinstance(entries, dict):
+                raise CheckpointError(f"{prefix}{group} of {module.class_name} is not a dict")
+            for name, tensor in entries.items():
+                if tensor is None or (group == "_buffers" and name in skipped):
+                    continue
+                if not isinstance(tensor, torch.Tensor):
+                    raise CheckpointError(f"{prefix}{name} is a {type(tensor).__name__}, not a tensor")
+                tensors[f"{prefix}{name}"] = tensor
+        children = state.get("_modules") or {}
+        if not isinstance(children, dict):
+            raise CheckpointError(f"{prefix}_modules of {module.class_name} is not a dict")
+        for name, child in children.items():
+            if child is None:
+                continue
+            if not isinstance(child, PersistentObject) or child.class_name in DATA_CLASSES:
+                raise CheckpointError(f"submodule {prefix}{name} is not a network module")
+            pending.append((f"{prefix}{name}.", child))
+    return tensors
+
+
+def _precond_spec(node, key: str) -> _PrecondSpec:
+    if not isinstance(node, PersistentObject) or node.class_name not in PRECONDITIONERS:
+        found = node.class_name if isinstance(node, PersistentObject) else type(node).__name__
+        raise CheckpointError(f"'{key}' is a {found}, not one of EDM's preconditioners ({', '.join(PRECONDITIONERS)})")
+    return PRECONDITIONERS[node.class_name]
+
+
+def _bind_arguments(node: PersistentObject, spec: _PrecondSpec) -> dict[str, Any]:
+    """EDM's preconditioner signature bound to the recorded arguments, defaults filled in (model_type too)."""
+    args, kwargs = node.init_arguments()
+    names = (*_GEOMETRY, *spec.own_params, "model_type")
+    if len(args) > len(names):
+        raise CheckpointError(f"{node.class_name} records {len(args)} positional arguments, more than EDM's signature")
+    bound = dict(zip(names, args))
+    if set(bound) & set(kwargs):
+        raise CheckpointError(f"{node.class_name} records {sorted(set(bound) & set(kwargs))} twice")
+    bound.update(kwargs)
+    missing = [name for name in ("img_resolution", "img_channels") if name not in bound]
+    if missing:
+        raise CheckpointError(f"{node.class_name} does not record {', '.join(missing)}")
+    bound = {"label_dim": 0, "use_fp16": False, "model_type": spec.default_model, **bound}
+    counts = {name: bound[name] for name in ("img_resolution", "img_channels", "label_dim")}
+    if not all(_is_int(n) and n >= 0 for n in counts.values()) or not isinstance(bound["use_fp16"], bool):
+        raise CheckpointError(f"{node.class_name} records a malformed {counts}, use_fp16={bound['use_fp16']!r}")
+    return bound
+
+
+def _architecture(node: PersistentObject, bound: dict[str, Any]) -> type[nn.Module]:
+    """The backbone class named by model_type, checked against the pickled submodule ``model``."""
+    model_type = bound["model_type"]
+    if model_type not in BACKBONES:
+        raise CheckpointError(f"model_type {model_type!r} is not supported (only {', '.join(BACKBONES)})")
+    child = (node.state.get("_modules") or {}).get("model")
+    if not isinstance(child, PersistentObject) or child.class_name != model_type:
+        found = child.class_name if isinstance(child, PersistentObject) else type(child).__name__
+        raise CheckpointError(f"{node.class_name} records model_type {model_type!r} but its pickled model is a {found}")
+    return BACKBONES[model_type]
+
+
+def _construct(what: str, factory: Callable[[], nn.Module]) -> nn.Module:
+    try:
+        return factory()
+    except Exception as exc:
+        raise CheckpointError(f"cannot rebuild {what} from the recorded constructor arguments ({exc})") from None
+
+
+def _check_layout(module: nn.Module, tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Same tensor names and shapes as ``module.state_dict()``, else one message naming the first differences."""
+    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    problems = [f"missing {name}" for name in expected if name not in tensors]
+    problems += [f"unexpected {name}" for name in tensors if name not in expected]
+    problems += [
+        f"{name} is {list(tensors[name].shape)}, expected {list(shape)}"
+        for name, shape in expected.items() if name in tensors and tuple(tensors[name].shape) != shape
+    ]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(
+            f"the pickled weights do not match {what} built from the recorded arguments: "
+            f"{'; '.join(problems[:3])}{more}"
+        )
+
+
+def _build_network(node, key: str) -> Preconditioner:
+    """The toolkit preconditioner + backbone for a pickled EDM preconditioner, weights loaded strictly."""
+    spec = _precond_spec(node, key)
+    bound = _bind_arguments(node, spec)
+    backbone_cls = _architecture(node, bound)
+    geometry = {name: bound.pop(name) for name in _GEOMETRY}
+    own = {name: bound.pop(name) for name in spec.own_params if name in bound}
+    bound.pop("model_type")
+    what = f"{node.class_name}({backbone_cls.__name__})"
+    backbone_kwargs = dict(
+        img_resolution=geometry["img_resolution"], in_channels=geometry["img_channels"],
+        out_channels=geometry["img_channels"] * spec.out_channel_factor, label_dim=geometry["label_dim"],
+    )
+    if set(bound) & set(backbone_kwargs):
+        raise CheckpointError(f"{what} records {sorted(set(bound) & set(backbone_kwargs))}, which EDM sets itself")
+    backbone_kwargs.update(bound)
+
+    def backbone_on(device):
+        with torch.device(device):
+            return backbone_cls(**backbone_kwargs)
+
+    # Built on the meta device first: the recorded arguments are checked against the pickled shapes before
+    # any memory is allocated, and no time is spent on a random initialisation that is overwritten anyway.
+    backbone = _construct(what, lambda: backbone_on("meta"))
+    precond = _construct(what, lambda: spec.cls(backbone, **geometry, **own))
+    tensors = _module_tensors(node)
+    _check_layout(precond, tensors, what)
+    unsaved_buffers = {name for name, _ in backbone.named_buffers()} - set(backbone.state_dict())
+    if unsaved_buffers:  # would stay uninitialised: construct normally
+        precond.model = _construct(what, lambda: backbone_on("cpu"))
+    else:
+        backbone.to_empty(device="cpu")
+    try:
+        precond.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"cannot load the pickled weights into {what} ({detail})") from None
+    return precond.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def read_edm_pickle(path_or_file: PathOrFile) -> dict[str, Any]:
+    """Reads an EDM snapshot (or training state) without executing code from it.
+
+    Returns the file's top-level dict with every pickled preconditioner ('ema', or 'net' of a training state)
+    rebuilt as a toolkit :class:`~edm_toolkit.precond.Preconditioner` (CPU, eval mode, requires_grad False),
+    the other persistent objects (loss_fn, augment_pipe) as ``{'class_name', 'init_args', 'init_kwargs'}``,
+    the rest (dataset_kwargs, optimizer_state) as plain data, plus ``'notes'``: a list of what was skipped.
+    Raises :class:`CheckpointError` for anything that is not a plain EDM snapshot.
+    """
+    (top, sources), source = _read(path_or_file)
+    result: dict[str, Any] = {}
+    notes = [f"{sources} embedded Python module source(s) ignored, never executed"] if sources else []
+    for key, value in top.items():
+        if isinstance(value, PersistentObject) and value.class_name in PRECONDITIONERS:
+            with _reported_as(f"{source}: '{key}'"):
+                result[key] = _build_network(value, key)
+            notes.append(f"'{key}': {value.class_name} rebuilt as edm_toolkit {type(result[key]).__name__} "
+                         f"around {type(result[key].model).__name__} from its recorded constructor arguments")
+        else:
+            with _reported_as(f"{source}: '{key}'"):
+                result[key] = _plain(value)
+            if isinstance(value, PersistentObject):
+                notes.append(f"'{key}': {value.class_name} kept as data (class name and constructor arguments)")
+    if not any(isinstance(value, Preconditioner) for value in result.values()):
+        raise CheckpointError(f"{source}: no EDM network in the file (top-level keys: {sorted(map(str, top))})")
+    if "notes" in top:
+        notes.append("the file's own top-level 'notes' entry was replaced by these notes")
+    result["notes"] = notes
+    return result
+
+
+def load_edm_network(path: PathOrFile, key: str = "ema") -> Preconditioner:
+    """The network stored under ``key`` ('ema' in snapshots, 'net' in training states), ready for sampling."""
+    (top, _sources), source = _read(path)
+    if key not in top:
+        hint = "; training-state files store key 'net'" if "net" in top else ""
+        raise CheckpointError(f"{source}: no '{key}' entry (keys: {sorted(map(str, top))}){hint}")
+    with _reported_as(f"{source}: '{key}'"):
+        return _build_network(top[key], key)
+
+
+def inspect_edm_pickle(path: PathOrFile) -> dict[str, Any]:
+    """Summary of an EDM snapshot without building its network (the file is still read restrictedly).
+
+    Keys: family, key, entries, preconditioner, architecture, init_kwargs (the recorded arguments bound to
+    EDM's signature, defaults filled in), parameters (parameter count, buffers excluded), label_dim,
+    img_resolution, img_channels, use_fp16, sigma_min, sigma_max, dtype.
+    """
+    (top, _sources), source = _read(path)
+    key = next((name for name in ("ema", "net") if name in top), None)
+    with _reported_as(source):
+        if key is None:
+            raise CheckpointError(f"no 'ema' or 'net' entry (keys: {sorted(map(str, top))})")
+        node = top[key]
+        spec = _precond_spec(node, key)
+        bound = _bind_arguments(node, spec)
+        parameters = _module_tensors(node, parameters_only=True)
+        sigma_range = _sigma_range(node, spec, bound)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in parameters.values()})
+    return {
+        "family": FAMILY,
+        "key": key,
+        "entries": sorted(map(str, top)),
+        "preconditioner": node.class_name,
+        "architecture": bound["model_type"],
+        "init_kwargs": bound,
+        "parameters": sum(t.numel() for t in parameters.values()),
+        "label_dim": bound["label_dim"],
+        "img_resolution": bound["img_resolution"],
+        "img_channels": bound["img_channels"],
+        "use_fp16": bound["use_fp16"],
+        **sigma_range,
+        "dtype": dtypes[0] if len(dtypes) == 1 else "mixed (" + ", ".join(dtypes) + ")",
+    }
+
+
+def _sigma_range(node: PersistentObject, spec: _PrecondSpec, bound: dict[str, Any]) -> dict[str, float]:
+    """sigma_min/sigma_max as EDM recorded them on the object, else as the toolkit computes them."""
+    recorded = {name: node.state.get(name) for name in ("sigma_min", "sigma_max")}
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in recorded.values()):
+        return {name: float(value) for name, value in recorded.items()}
+    own = {name: bound[name] for name in spec.own_params if name in bound}
+    precond = _construct(node.class_name, lambda: spec.cls(None, **own))
+    return {"sigma_min": float(precond.sigma_min), "sigma_max": float(precond.sigma_max)}
