@@ -21,6 +21,8 @@ from torch import nn
 
 from .errors import CheckpointError
 from .ideal import IdealDenoiser
+from .networks.registry import build_network, network_config
+from .precond import Preconditioner, build_precond
 
 FORMAT = "edm-toolkit/model"
 VERSION = 1
@@ -49,6 +51,33 @@ def _ideal_from_config(config: dict[str, Any]) -> IdealDenoiser:
 
 
 register_model_type("ideal", IdealDenoiser, _ideal_config, _ideal_from_config)
+
+
+def build_backbone(config: dict[str, Any]) -> nn.Module:
+    """A registered network from {"type", "kwargs"}, allocated without a random initialisation when possible."""
+    module = build_network(config, device="meta")
+    if {name for name, _ in module.named_buffers()} - set(module.state_dict()):
+        return build_network(config)  # an unsaved buffer must be computed by the constructor
+    return module.to_empty(device="cpu")
+
+
+def _precond_config(model: Preconditioner) -> dict[str, Any]:
+    if model.model is None:
+        raise CheckpointError("cannot save a preconditioner without a backbone")
+    try:
+        network = network_config(model.model)
+    except ValueError as exc:
+        raise CheckpointError(f"cannot save this model: {exc}") from None
+    return {"precond": model.config(), "img_resolution": model.img_resolution, "img_channels": model.img_channels,
+            "network": network}
+
+
+def _precond_from_config(config: dict[str, Any]) -> Preconditioner:
+    return build_precond(config["precond"], build_backbone(config["network"]),
+                         img_resolution=config["img_resolution"], img_channels=config["img_channels"])
+
+
+register_model_type("precond", Preconditioner, _precond_config, _precond_from_config)
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:

@@ -95,11 +95,15 @@ class Preconditioner(nn.Module):
 
 
 def _attribute(model, name, given, also=None):
+    """An explicit value, else the backbone's attribute or recorded constructor argument of that name."""
     if given is not None:
         return given
+    recorded = getattr(model, "init_kwargs", None) or {}
     for key in (name, also):
         if key is not None and hasattr(model, key):
             return getattr(model, key)
+        if key in recorded:
+            return recorded[key]
     return None
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .edm_layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from .registry import register_network
 
 __all__ = ["DhariwalUNet", "PUBLISHED_CONFIGS", "published_config"]
 
@@ -43,6 +44,7 @@ def published_config(name: str, **overrides) -> dict:
     return {**copy.deepcopy(PUBLISHED_CONFIGS[name]), **TRAIN_DEFAULTS, **overrides}
 
 
+@register_network("dhariwal_unet")
 class DhariwalUNet(nn.Module):
     """ADM U-Net as in EDM: ``forward(x, noise_labels, class_labels, augment_labels=None) -> F(x)``.
 

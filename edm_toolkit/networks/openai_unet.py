@@ -37,6 +37,7 @@ from .openai_layers import (
     timestep_embedding,
     zero_init,
 )
+from .registry import register_network
 
 __all__ = [
     "NUM_CLASSES",
@@ -214,6 +215,7 @@ class _ADMTrunk(nn.Module):
         return emb
 
 
+@register_network("openai_unet")
 class UNetModel(_ADMTrunk):
     """The ADM U-Net (Dhariwal & Nichol 2021; Nichol & Dhariwal 2021), guided-diffusion's ``UNetModel``.
 
@@ -350,6 +352,7 @@ class UNetModel(_ADMTrunk):
         return self.out(h.to(x.dtype))
 
 
+@register_network("openai_superres")
 class SuperResModel(UNetModel):
     """The ADM upsampler: a :class:`UNetModel` with twice the input channels.
 
@@ -367,6 +370,7 @@ class SuperResModel(UNetModel):
         return super().forward(torch.cat([x, upsampled], dim=1), timesteps, y=y)
 
 
+@register_network("openai_classifier")
 class EncoderUNetModel(_ADMTrunk):
     """The noisy ImageNet classifier of guided-diffusion (Dhariwal & Nichol 2021).
 

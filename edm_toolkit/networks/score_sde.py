@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import register_network
+
 __all__ = [
     "AttnBlockpp",
     "Combine",
@@ -520,6 +522,7 @@ def _as_config(config: Any) -> NCSNppConfig:
 # The network
 
 
+@register_network("ncsnpp")
 class NCSNpp(nn.Module):
     """NCSN++ / DDPM++ U-Net of Song et al. (2021), module for module as in score_sde_pytorch.
 
@@ -530,6 +533,7 @@ class NCSNpp(nn.Module):
     def __init__(self, config: Any):
         super().__init__()
         self.config = cfg = _as_config(config)
+        self._init_record = self._plain_config  # how model files store this network
         self.act = act = _ACTIVATIONS[cfg.nonlinearity]
         sigmas = np.exp(np.linspace(np.log(cfg.sigma_max), np.log(cfg.sigma_min), cfg.num_scales))
         self.register_buffer("sigmas", torch.tensor(sigmas, dtype=torch.float64))
@@ -614,6 +618,12 @@ class NCSNpp(nn.Module):
         if cfg.progressive != "output_skip":
             modules += [_group_norm(in_ch), _conv(in_ch, channels, init_scale=cfg.init_scale)]
         self.all_modules = nn.ModuleList(modules)
+
+    def _plain_config(self) -> dict[str, Any]:
+        """The config as nested plain data that NCSNppConfig.from_config reads back."""
+        cfg = dataclasses.asdict(self.config)
+        data = {k: cfg.pop(k) for k in ("image_size", "centered", "num_channels")}
+        return {"config": {"model": cfg, "data": data, "training": {"continuous": cfg.pop("continuous")}}}
 
     def forward(self, x: torch.Tensor, time_cond: torch.Tensor) -> torch.Tensor:
         """Raw network output for images ``x [B, C, H, W]`` and labels ``time_cond`` (``[B]``, or one for all).

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .edm_layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from .registry import register_network
 
 __all__ = ["SongUNet", "PUBLISHED_CONFIGS", "published_config"]
 
@@ -66,6 +67,7 @@ def _check_choice(option: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"SongUNet: unknown {option} {value!r}; expected one of {', '.join(choices)}")
 
 
+@register_network("song_unet")
 class SongUNet(nn.Module):
     """DDPM++ / NCSN++ U-Net as in EDM: ``forward(x, noise_labels, class_labels, augment_labels=None) -> F(x)``.
 
