@@ -1,7 +1,9 @@
 """The toolkit's own model file: tensors and a JSON config, loaded without executing any code.
 
 A model file is a ``torch.save`` of a plain dict {"format", "version", "config" (JSON text), "state_dict"}
-and is read back with ``torch.load(weights_only=True)``, which admits only tensors and plain containers. The
+and is read back with ``torch.load(weights_only=True)``, which admits only tensors and plain containers; or,
+when the path ends in ``.safetensors`` (optional extra ``safetensors``), a safetensors file whose metadata holds
+the same header and JSON config. The
 config names a model type from a closed registry (no class names are looked up at run time) together with its
 constructor arguments; the weights then load with strict key and shape checks.
 """
@@ -87,20 +89,28 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     raise CheckpointError(f"cannot save a {type(model).__name__}: it is not a model type of this toolkit")
 
 
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ModuleNotFoundError:
+        raise CheckpointError("the .safetensors format needs the optional package: pip install safetensors "
+                              "(or use a .pt path)") from None
+    return safetensors.torch
+
+
 def save_model(model: nn.Module, path: str | Path) -> None:
-    """Writes ``model`` as a toolkit model file (atomically)."""
+    """Writes ``model`` as a toolkit model file (atomically); ``.safetensors`` paths use that format."""
     path = Path(path)
-    payload = {
-        "format": FORMAT,
-        "version": VERSION,
-        "config": json.dumps(model_config(model)),
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-    }
+    config = json.dumps(model_config(model))
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(payload, tmp)
+        if path.suffix == ".safetensors":
+            _safetensors().save_file(state_dict, tmp, metadata={"format": FORMAT, "version": str(VERSION), "config": config})
+        else:
+            torch.save({"format": FORMAT, "version": VERSION, "config": config, "state_dict": state_dict}, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -112,6 +122,8 @@ def read_model_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model file {str(path)!r} not found")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
@@ -134,8 +146,27 @@ def read_model_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     return config, state_dict
 
 
+def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    st = _safetensors()
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        state_dict = st.load_file(str(path))
+    except Exception as exc:  # the library raises its own error types for damaged files
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:160]})") from None
+    if metadata.get("format") != FORMAT or metadata.get("version") != str(VERSION):
+        raise CheckpointError(f"{path} is not an edm-toolkit model file (no '{FORMAT}' v{VERSION} metadata)")
+    try:
+        return json.loads(metadata["config"]), state_dict
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{path} has a missing or malformed config") from None
+
+
 def build_model(config: dict[str, Any]) -> nn.Module:
     """Builds an (untrained) model from a model-file config."""
+    _register_adapters()
     kind = config.get("type") if isinstance(config, dict) else None
     if kind not in _BUILDERS:
         raise CheckpointError(f"unknown model type {kind!r} in model config; known types: {', '.join(_BUILDERS)}")
@@ -143,6 +174,18 @@ def build_model(config: dict[str, Any]) -> nn.Module:
         return _BUILDERS[kind](config)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"bad {kind} model config: {exc}") from None
+
+
+def _register_adapters() -> None:
+    """The adapter modules register their model types on import."""
+    import importlib
+
+    for name in ("openai", "score_sde"):
+        try:
+            importlib.import_module(f"edm_toolkit.adapters.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"edm_toolkit.adapters.{name}":
+                raise
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:

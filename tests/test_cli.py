@@ -150,7 +150,7 @@ def test_bad_input_gives_one_line_error(tmp_path, args, message):
 
 def test_more_bad_input(tmp_path):
     cases = [
-        (["generate", "--outdir", str(tmp_path), "--network", _bad_file(tmp_path)], "is not an edm-toolkit model file"),
+        (["generate", "--outdir", str(tmp_path), "--network", _bad_file(tmp_path)], "is not a model file of a supported format"),
         (["generate", "--seeds", "0"], "Missing option '--outdir'"),
         (["generate", "--outdir", _bad_file(tmp_path)], "is a file"),
         (["generate", "--outdir", str(tmp_path), "--device", "cuda"] if not torch.cuda.is_available() else

@@ -45,8 +45,11 @@ def main():
     """edm-toolkit: the EDM design space (Karras et al. 2022) as interchangeable components."""
 
 
-from . import generate as _generate  # noqa: E402  (registers the subcommands)
+from . import files as _files  # noqa: E402  (the subcommands)
+from . import generate as _generate  # noqa: E402
 from . import presets as _presets  # noqa: E402
 
 main.add_command(_generate.generate)
 main.add_command(_presets.presets)
+main.add_command(_files.inspect)
+main.add_command(_files.convert)

@@ -11,6 +11,7 @@ from ..discretizations import DISCRETIZATIONS
 from ..errors import EDMToolkitError
 from ..schedules import SCALINGS, SCHEDULES
 from ..solvers import SOLVERS
+from .files import source_options
 
 
 def parse_seeds(value) -> list[int]:
@@ -83,7 +84,14 @@ def _choice(registry):
 @click.option("--scaling", type=_choice(SCALINGS), default=None, help="Signal scaling s(t)  [default: the preset's]")
 @click.option("--grid", is_flag=True, help="Also write all images as one PNG grid, DIR/grid.png")
 @click.option("--device", default=None, metavar="DEVICE", help="Torch device  [default: cuda if available, else cpu]")
-def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, preset, grid, device, **options):
+@source_options
+@click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", help="score_sde checkpoints: EMA or raw weights")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+              help="Network precision (autocast); fp32 is the faithful path")
+@click.option("--channels-last", is_flag=True, help="Run the network in channels_last memory format")
+@click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (slow start, faster steps)")
+def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, preset, grid, device, model_flags,
+             model_config, weights, precision, channels_last, compile_net, **options):
     """Generate images with any sampler of the design space (EDM's generate.py options).
 
     \b
@@ -98,15 +106,22 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
     from ..distributed import init_from_env, shutdown
     from ..generate import check_class, generate_images, write_grid
 
+    from ..inference import InferenceOptions, optimize
+
     if not seeds:
         raise click.BadParameter("no seeds given", param_hint="'--seeds'")
+    for flag, value in (("--model-flags", model_flags), ("--model-config", model_config)):
+        if value is not None and network_path is None:
+            raise click.UsageError(f"{flag} describes a --network file; give --network PATH or drop {flag}")
     device = _resolve_device(device)
     sampler = _sampler_from_options(preset, options)
     group = init_from_env(device.type)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", group.local_rank)
     try:
-        net = _load_network(network_path, device, echo=group.rank == 0)
+        net = _load_network(network_path, device, echo=group.rank == 0, model_flags=model_flags,
+                            config=model_config, use_ema=weights == "ema")
+        net = optimize(net, InferenceOptions(precision, channels_last, compile_net))
         check_class(net, class_idx)
         sampler.sigma_range(net)  # fail now on an empty noise range, not after loading every rank
         if group.rank == 0:
@@ -165,9 +180,9 @@ def _sampler_from_options(preset_name, options):
     return sampler
 
 
-def _load_network(path, device, echo=True):
-    from ..checkpoints import load_model
+def _load_network(path, device, echo=True, **source):
     from ..default_model import NAME, default_model
+    from ..loading import load_denoiser
 
     if path is None:
         if echo:
@@ -175,4 +190,4 @@ def _load_network(path, device, echo=True):
         return default_model().to(device)
     if echo:
         click.echo(f"Loading network from {str(path)!r}...", err=True)
-    return load_model(path, device)
+    return load_denoiser(path, device=device, **source)
