@@ -1,0 +1,167 @@
+"""Network benchmark (issue 3): images per second per network evaluation and peak memory of DDPM++ (32x32),
+NCSN++ (32x32) and ADM (64x64) at batch 1, 8 and 64, for the faithful path and each fast option.
+
+Each measurement runs in a fresh subprocess (so its peak RSS is its own): the preconditioned network
+(EDMPrecond around the published architecture, random weights) evaluates D(x; sigma) at sigma = 1; one warm-up
+call, then the best of the timed calls. Every fast option is also compared with the faithful fp32 path on the
+same input at batch 8: relative error ||D_fast - D_faithful|| / ||D_faithful||. Configurations whose estimated
+time exceeds --budget seconds per evaluation are skipped and listed as such. No GPU is used unless present
+(--device cuda).
+
+    python tools/bench_networks.py                 # writes its section of docs/benchmarks.md
+    python tools/bench_networks.py --quick         # DDPM++ at batch 8 only, prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+NETWORKS = {
+    "DDPM++ 32x32": ("song_unet", "ddpmpp", 32),
+    "NCSN++ 32x32": ("song_unet", "ncsnpp", 32),
+    "ADM 64x64": ("dhariwal_unet", "adm", 64),
+}
+OPTIONS = {
+    "faithful (fp32)": dict(precision="fp32"),
+    "channels_last": dict(precision="fp32", channels_last=True),
+    "bf16 autocast": dict(precision="bf16"),
+    "compile": dict(precision="fp32", compile=True),
+}
+
+
+def build(name: str, device: str):
+    import torch
+
+    from edm_toolkit.networks.dhariwal_unet import DhariwalUNet, published_config as adm_config
+    from edm_toolkit.networks.song_unet import SongUNet, published_config as song_config
+    from edm_toolkit.precond import EDMPrecond
+
+    kind, config, resolution = NETWORKS[name]
+    torch.manual_seed(0)
+    if kind == "song_unet":
+        model = SongUNet(img_resolution=resolution, in_channels=3, out_channels=3, **song_config(config, dropout=0.0))
+    else:
+        model = DhariwalUNet(img_resolution=resolution, in_channels=3, out_channels=3, **adm_config(config, dropout=0.0))
+    with torch.no_grad():  # random weights everywhere (the zero-initialised output layers would hide errors)
+        for pname, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.05 * torch.randn_like(p))
+    return EDMPrecond(model, img_resolution=resolution, img_channels=3).eval().requires_grad_(False).to(device)
+
+
+def measure(name: str, option: str, batch: int, device: str, calls: int, with_error: bool) -> dict:
+    """Runs in the subprocess: times D(x; 1) and reports peak memory (and the error against fp32)."""
+    import torch
+
+    from edm_toolkit.inference import InferenceOptions, optimize
+
+    net = build(name, device)
+    resolution = NETWORKS[name][2]
+    x = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(1)).to(device)
+    sigma = torch.tensor(1.0, device=device)
+    result = {}
+    with torch.no_grad():
+        reference = net(x, sigma).double() if with_error else None
+        fast = optimize(net, InferenceOptions(**OPTIONS[option]))
+        start = time.perf_counter()
+        out = fast(x, sigma)  # warm-up (and compilation)
+        result["first_call_s"] = time.perf_counter() - start
+        best = float("inf")
+        for _ in range(calls):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = fast(x, sigma)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+    result["seconds_per_nfe"] = best
+    result["images_per_s"] = batch / best
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if device == "cuda":
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if reference is not None:
+        result["rel_error"] = float((out.double() - reference).norm() / reference.norm())
+    return result
+
+
+def run_one(name, option, batch, device, calls, with_error, timeout):
+    cmd = [sys.executable, __file__, "--child", json.dumps([name, option, batch, device, calls, with_error])]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"over {timeout:.0f} s"}
+    if done.returncode != 0:
+        return {"skipped": "failed: " + (done.stderr.strip().splitlines() or ["?"])[-1][:120]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="DDPM++ at batch 8 only; print, do not write docs")
+    parser.add_argument("--budget", type=float, default=60.0, help="skip configurations estimated slower (s per NFE)")
+    parser.add_argument("--compile-timeout", type=float, default=900.0, help="seconds allowed for a compiled run")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(*json.loads(args.child))))
+        return
+
+    networks = ["DDPM++ 32x32"] if args.quick else list(NETWORKS)
+    batches = [8] if args.quick else [1, 8, 64]
+    rows = []
+    for name in networks:
+        per_image: dict[str, float] = {}  # seconds per image per option, to estimate larger batches
+        for batch in batches:
+            for option in OPTIONS:
+                if option == "compile" and batch != 8:
+                    rows.append((name, option, batch, {"skipped": "compiled at batch 8 only (minutes per shape on CPU)"}))
+                    continue
+                estimate = per_image.get(option, 0.0) * batch
+                if estimate > args.budget:
+                    rows.append((name, option, batch, {"skipped": f"estimated {estimate:.0f} s per NFE"}))
+                    continue
+                calls = 3 if estimate < 5 else 1
+                timeout = args.compile_timeout if option == "compile" else max(600.0, 20 * estimate)
+                result = run_one(name, option, batch, args.device, calls, batch == 8 and option != "faithful (fp32)", timeout)
+                if "seconds_per_nfe" in result:
+                    per_image[option] = result["seconds_per_nfe"] / batch
+                rows.append((name, option, batch, result))
+                print(name, option, batch, result, flush=True)
+    if args.quick:
+        return
+    from _report import write_section
+
+    import torch
+
+    lines = ["## Network throughput (`tools/bench_networks.py`)", "", "Command: `python tools/bench_networks.py`  ",
+             f"Device: {args.device} ({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}. "
+             "No GPU was lent to the session that produced this table; run the command with `--device cuda` where "
+             "one is available.", "",
+             "One network evaluation D(x; sigma) of EDMPrecond around the published architecture (random weights). "
+             "images/s = batch / seconds per evaluation (best of the timed calls after one warm-up); peak RSS of the "
+             "measuring process; rel. error = ||D_fast - D_fp32|| / ||D_fp32|| at batch 8.", "",
+             "| network | option | batch | s per NFE | images/s per NFE | peak RSS (GB) | rel. error vs fp32 | first call (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, option, batch, r in rows:
+        if "skipped" in r:
+            lines.append(f"| {name} | {option} | {batch} | skipped: {r['skipped']} | | | | |")
+            continue
+        err = f"{r['rel_error']:.1e}" if "rel_error" in r else ""
+        lines.append(f"| {name} | {option} | {batch} | {r['seconds_per_nfe']:.3f} | {r['images_per_s']:.2f} | "
+                     f"{r['peak_rss_gb']:.2f} | {err} | {r['first_call_s']:.1f} |")
+    write_section("networks", "\n".join(lines))
+    print("wrote docs/benchmarks.md")
+
+
+if __name__ == "__main__":
+    main()
