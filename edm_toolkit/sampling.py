@@ -20,7 +20,7 @@ from .discretizations import DISCRETIZATIONS, Discretization, EDMDiscretization
 from .errors import ConfigError
 from .schedules import SCALINGS, SCHEDULES, LinearSchedule, NoiseSchedule, NoScaling, Scaling
 from .solvers import SOLVERS, Heun, Solver
-from .solvers.base import ProbabilityFlowODE
+from .solvers.base import ProbabilityFlowODE, StepContext
 
 
 @dataclass(frozen=True)
@@ -183,19 +183,19 @@ class Sampler:
         plan = plan if plan is not None else self.plan(net, latents.device)
         nfe = 0
 
-        def evaluate(x, point):
+        def denoise(x, point):
             nonlocal nfe
             nfe += 1
-            D = net(x if point.inv_s == 1.0 else x * point.inv_s, point.sigma_net, class_labels).to(torch.float64)
-            return torch.sub(x, D, alpha=point.c).mul_(point.a)
+            return net(x if point.inv_s == 1.0 else x * point.inv_s, point.sigma_net, class_labels).to(torch.float64)
 
+        ctx = StepContext(denoise, randn_like)
         x = latents.to(torch.float64) * plan.x_scale
         for i, step in enumerate(plan.steps):
             if step.draw_noise:
                 eps = randn_like(x)
                 if step.noise_std > 0:
                     x = torch.add(x * step.scale_hat, eps, alpha=step.noise_std)
-            x = self.solver.step(x, step.record, evaluate)
+            x = self.solver.step(x, step.record, ctx)
             if callback is not None:
                 callback(StepInfo(i + 1, len(plan.steps), step.sigma_next, nfe, x))
         return x

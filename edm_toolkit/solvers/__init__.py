@@ -5,7 +5,7 @@ precomputed time point and costs one network evaluation, so every solver runs un
 scaling, discretization and denoiser. Stochastic churn is applied by the sampling loop, before the step.
 """
 
-from .base import SOLVERS, Solver
+from .base import SOLVERS, ODEPoint, ProbabilityFlowODE, Solver, StepContext
 from .ode import Euler, Heun
 
-__all__ = ["SOLVERS", "Solver", "Euler", "Heun"]
+__all__ = ["SOLVERS", "ODEPoint", "ProbabilityFlowODE", "Solver", "StepContext", "Euler", "Heun"]

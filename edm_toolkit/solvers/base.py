@@ -56,7 +56,29 @@ class ProbabilityFlowODE:
         return [ODEPoint(*row) for row in rows]
 
 
-Evaluate = Callable[[torch.Tensor, ODEPoint], torch.Tensor]
+class StepContext:
+    """What a solver step may use, fresh for every sampling call.
+
+    ``denoise(x, point)`` evaluates the network once (D(x/s; sigma) in float64, counted as one NFE);
+    ``derivative(x, D, point)`` is dx/dt of Eq. 4 from that D; ``randn_like`` draws from the per-seed noise
+    streams (for stochastic solvers); ``state`` is a dict a multistep solver may keep its history in.
+    """
+
+    __slots__ = ("denoise", "randn_like", "state")
+
+    def __init__(self, denoise: Callable[[torch.Tensor, ODEPoint], torch.Tensor],
+                 randn_like: Callable[[torch.Tensor], torch.Tensor]):
+        self.denoise = denoise
+        self.randn_like = randn_like
+        self.state: dict = {}
+
+    @staticmethod
+    def derivative(x: torch.Tensor, D: torch.Tensor, point: ODEPoint) -> torch.Tensor:
+        return torch.sub(x, D, alpha=point.c).mul_(point.a)
+
+    def slope(self, x: torch.Tensor, point: ODEPoint) -> torch.Tensor:
+        """dx/dt at (x, point): one network evaluation."""
+        return self.derivative(x, self.denoise(x, point), point)
 
 
 class Solver:
@@ -73,5 +95,5 @@ class Solver:
         """One record per step with everything ``step`` needs, computed once before sampling."""
         raise NotImplementedError
 
-    def step(self, x_hat: torch.Tensor, record: Any, evaluate: Evaluate) -> torch.Tensor:
+    def step(self, x_hat: torch.Tensor, record: Any, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError

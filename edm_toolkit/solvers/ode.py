@@ -32,8 +32,8 @@ class Euler(Solver):
         h = (t_next - t_hat).tolist()
         return [_EulerRecord(p, hi) for p, hi in zip(ode.points(t_hat, device), h)]
 
-    def step(self, x_hat, record, evaluate):
-        return torch.add(x_hat, evaluate(x_hat, record.point), alpha=record.h)
+    def step(self, x_hat, record, ctx):
+        return torch.add(x_hat, ctx.slope(x_hat, record.point), alpha=record.h)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +77,10 @@ class Heun(Solver):
             for p, q, hi in zip(points, primes, h.tolist())
         ]
 
-    def step(self, x_hat, record, evaluate):
-        d = evaluate(x_hat, record.point)
+    def step(self, x_hat, record, ctx):
+        d = ctx.slope(x_hat, record.point)
         if record.prime is None:
             return torch.add(x_hat, d, alpha=record.h)
         x_prime = torch.add(x_hat, d, alpha=record.alpha_h)
-        d_prime = evaluate(x_prime, record.prime)
+        d_prime = ctx.slope(x_prime, record.prime)
         return torch.add(x_hat, d, alpha=record.w_cur).add_(d_prime, alpha=record.w_prime)
