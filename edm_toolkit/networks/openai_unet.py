@@ -317,13 +317,13 @@ class UNetModel(_ADMTrunk):
         """
         if channel_mult[0] != 1:
             raise ValueError(f"improved-diffusion networks need channel_mult[0] == 1, got {tuple(channel_mult)}")
-        return cls(
-            None,
-            in_channels,
-            model_channels,
-            out_channels,
-            num_res_blocks,
-            attention_resolutions,
+        return cls(  # by keyword, so that the registry records every argument by name
+            image_size=None,
+            in_channels=in_channels,
+            model_channels=model_channels,
+            out_channels=out_channels,
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=attention_resolutions,
             dropout=dropout,
             channel_mult=channel_mult,
             conv_resample=conv_resample,
