@@ -178,14 +178,7 @@ def build_model(config: dict[str, Any]) -> nn.Module:
 
 def _register_adapters() -> None:
     """The adapter modules register their model types on import."""
-    import importlib
-
-    for name in ("openai", "score_sde"):
-        try:
-            importlib.import_module(f"edm_toolkit.adapters.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"edm_toolkit.adapters.{name}":
-                raise
+    from .adapters import openai, score_sde  # noqa: F401
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:

@@ -88,8 +88,11 @@ def load_denoiser(path: str | Path, *, model_flags: str | None = None, config: s
         net = load_edm_network(path)
     elif family == "openai":
         from .adapters.openai import load_openai_checkpoint
+        from .networks.openai_unet import RELEASED_CHECKPOINTS
 
-        net = load_openai_checkpoint(obj, model_flags=model_flags, file_name=path.name)
+        # The file's own name selects a released architecture only when it is one of the released names.
+        file_name = path.name if path.name in RELEASED_CHECKPOINTS else None
+        net = load_openai_checkpoint(obj, model_flags=model_flags, file_name=file_name)
     else:
         from .adapters.score_sde import load_score_sde_denoiser
 

@@ -12,7 +12,8 @@ _source_options = [
                  help="guided/improved-diffusion flags in the original syntax, e.g. \"--attention_resolutions 32,16,8 "
                       "--class_cond True ...\" (needed where the file name and the shapes do not tell)"),
     click.option("--model-config", "model_config", default=None, metavar="NAME",
-                 help="score_sde config name, e.g. vp/cifar10_ddpmpp_continuous (where it cannot be inferred)"),
+                 help="score_sde config: a published name (e.g. vp/cifar10_ddpmpp_continuous) or a JSON config, "
+                      "where it cannot be inferred from the weights"),
 ]
 
 
