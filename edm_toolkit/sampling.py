@@ -100,6 +100,9 @@ class Sampler:
             object.__setattr__(self, name, registry.create(getattr(self, name)))
         if isinstance(self.churn, Mapping):
             object.__setattr__(self, "churn", Churn(**self.churn))
+        if self.churn.S_churn > 0 and not getattr(self.solver, "accepts_churn", True):
+            raise ConfigError(f"solver {self.solver.name!r} cannot take stochastic churn; set S_churn to 0 "
+                              "or choose euler/heun")
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 2:
             raise ConfigError(f"num_steps must be an integer >= 2, got {self.num_steps!r}")
         for name in ("sigma_min", "sigma_max"):

@@ -77,7 +77,10 @@ def _choice(registry):
               help="Stoch. max noise level  [default: inf]")
 @click.option("--S_noise", "S_noise", type=click.FloatRange(min=0), default=None, metavar="FLOAT",
               help="Stoch. noise inflation  [default: 1]")
-@click.option("--solver", type=_choice(SOLVERS), default=None, help="ODE solver  [default: the preset's]")
+@click.option("--solver", type=_choice(SOLVERS), default=None,
+              help="Solver (see 'edm solvers')  [default: the preset's]")
+@click.option("--solver-opt", "solver_opts", multiple=True, metavar="KEY=VALUE",
+              help="A solver option, e.g. --solver-opt order=3 (repeatable; see 'edm solvers')")
 @click.option("--disc", "discretization", type=_choice(DISCRETIZATIONS), default=None,
               help="Time step discretization {t_i}  [default: the preset's]")
 @click.option("--schedule", type=_choice(SCHEDULES), default=None, help="Noise schedule sigma(t)  [default: the preset's]")
@@ -91,7 +94,7 @@ def _choice(registry):
 @click.option("--channels-last", is_flag=True, help="Run the network in channels_last memory format")
 @click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (slow start, faster steps)")
 def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, preset, grid, device, model_flags,
-             model_config, weights, precision, channels_last, compile_net, **options):
+             model_config, weights, precision, channels_last, compile_net, solver_opts, **options):
     """Generate images with any sampler of the design space (EDM's generate.py options).
 
     \b
@@ -114,7 +117,7 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
         if value is not None and network_path is None:
             raise click.UsageError(f"{flag} describes a --network file; give --network PATH or drop {flag}")
     device = _resolve_device(device)
-    sampler = _sampler_from_options(preset, options)
+    sampler = _sampler_from_options(preset, options, solver_opts)
     group = init_from_env(device.type)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", group.local_rank)
@@ -158,7 +161,27 @@ def _resolve_device(name):
     return device
 
 
-def _sampler_from_options(preset_name, options):
+def parse_option_value(text: str):
+    """A --solver-opt value as TOML would read it: integer, float, true/false, a [list], else a string."""
+    from ..presets import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _solver_options(pairs) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="'--solver-opt'")
+        options[key.strip()] = parse_option_value(value.strip())
+    return options
+
+
+def _sampler_from_options(preset_name, options, solver_opts=()):
     """The preset's sampler with the given command-line options replacing its values."""
     from ..presets import load_preset
 
@@ -172,6 +195,9 @@ def _sampler_from_options(preset_name, options):
     if churn:
         changes["churn"] = sampler.churn.__class__(**{**sampler.churn.__dict__, **churn})
     sampler = sampler.replace(**changes)
+    extra = _solver_options(solver_opts)
+    if extra:
+        sampler = sampler.replace(solver=SOLVERS.create({"name": sampler.solver.name, **extra}))
     if "rho" in given:
         if sampler.discretization.name != "edm":
             raise EDMToolkitError(f"--rho applies to --disc edm only, but the discretization is "

@@ -1,0 +1,32 @@
+"""edm solvers: the registered solvers with their order, cost and options."""
+
+import dataclasses
+
+import click
+
+from ..solvers import SOLVERS
+
+
+def nfe_formula(solver) -> str:
+    """The network evaluations for N steps as a formula a*N + b (every solver's cost is affine in N)."""
+    a = solver.evaluations(20) - solver.evaluations(10)
+    a //= 10
+    b = solver.evaluations(10) - 10 * a
+    head = "N" if a == 1 else f"{a}N"
+    return head if b == 0 else f"{head} {'+' if b > 0 else '-'} {abs(b)}"
+
+
+@click.command()
+def solvers():
+    """List the solvers: name, order, network evaluations for N steps, options (set with --solver-opt KEY=VALUE)."""
+    rows = []
+    for name in SOLVERS.names():
+        solver = SOLVERS.create(name)
+        options = ", ".join(f"{f.name}={getattr(solver, f.name)!r}" for f in dataclasses.fields(solver) if f.init)
+        summary = (type(solver).__doc__ or "").strip().splitlines()[0].split(": ")[0].rstrip(".,:")
+        summary = summary if len(summary) <= 70 else summary[:67] + "..."
+        rows.append((name, str(getattr(solver, "order", "?")), nfe_formula(solver), options or "-", summary))
+    widths = [max(len(r[i]) for r in rows + [("name", "order", "NFE", "options", "")]) for i in range(4)]
+    click.echo(f"{'name':{widths[0]}}  {'order':{widths[1]}}  {'NFE':{widths[2]}}  {'options':{widths[3]}}  description")
+    for row in rows:
+        click.echo("  ".join(f"{cell:{width}}" for cell, width in zip(row[:4], widths)) + "  " + row[4])
