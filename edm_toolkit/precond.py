@@ -112,8 +112,22 @@ def _vp_sigma(beta_d: float, beta_min: float, t):
     return ((0.5 * beta_d * (t**2) + beta_min * t).exp() - 1).sqrt()
 
 
+class _VariancePreserving(Preconditioner):
+    """The variance-preserving parameterization shared by VP and iDDPM (Table 1): the network predicts the noise,
+    c_skip = 1, c_out = -sigma, c_in = 1/sqrt(sigma^2 + 1); they differ only in c_noise."""
+
+    def c_skip(self, sigma):
+        return torch.ones_like(sigma)
+
+    def c_out(self, sigma):
+        return -sigma
+
+    def c_in(self, sigma):
+        return 1 / (sigma**2 + 1).sqrt()
+
+
 @PRECONDITIONERS.register
-class VPPrecond(Preconditioner):
+class VPPrecond(_VariancePreserving):
     """VP (DDPM++ cont.): c_skip = 1, c_out = -sigma, c_in = 1/sqrt(sigma^2 + 1), c_noise = (M - 1) sigma^-1(sigma)."""
 
     name = "vp"
@@ -131,15 +145,6 @@ class VPPrecond(Preconditioner):
     def sigma_inv(self, sigma):
         sigma = torch.as_tensor(sigma)
         return ((self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt() - self.beta_min) / self.beta_d
-
-    def c_skip(self, sigma):
-        return torch.ones_like(sigma)
-
-    def c_out(self, sigma):
-        return -sigma
-
-    def c_in(self, sigma):
-        return 1 / (sigma**2 + 1).sqrt()
 
     def c_noise(self, sigma):
         return (self.M - 1) * self.sigma_inv(sigma)
@@ -172,7 +177,7 @@ class VEPrecond(Preconditioner):
 
 
 @PRECONDITIONERS.register
-class IDDPMPrecond(Preconditioner):
+class IDDPMPrecond(_VariancePreserving):
     """iDDPM: c_skip = 1, c_out = -sigma, c_in = 1/sqrt(sigma^2 + 1), c_noise = M - 1 - argmin_j |u_j - sigma|.
 
     The buffer ``u`` (float32, M + 1 entries, u_M = 0) is iDDPM's cosine-schedule noise table; round_sigma snaps
@@ -192,15 +197,6 @@ class IDDPMPrecond(Preconditioner):
 
     def _params(self):
         return {"C_1": self.C_1, "C_2": self.C_2, "M": self.M}
-
-    def c_skip(self, sigma):
-        return torch.ones_like(sigma)
-
-    def c_out(self, sigma):
-        return -sigma
-
-    def c_in(self, sigma):
-        return 1 / (sigma**2 + 1).sqrt()
 
     def c_noise(self, sigma):
         return self.M - 1 - self.round_sigma(sigma, return_index=True).to(torch.float32)
