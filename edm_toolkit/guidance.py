@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["ClassifierGuidance", "GuidedDenoiser", "class_indices", "classifier_log_prob_grad",
+__all__ = ["AutoGuidance", "ClassifierFreeGuidance", "ClassifierGuidance", "GuidedDenoiser", "class_indices", "classifier_log_prob_grad",
            "grid_alphas_cumprod"]
 
 
@@ -175,3 +175,77 @@ class ClassifierGuidance(GuidedDenoiser):
         D = D.clone()
         D[rows] = (D[rows].to(torch.float64) + correction).to(D.dtype)
         return D
+
+
+class _TwoModelGuidance(GuidedDenoiser):
+    """D_w = D_ref + w (D - D_ref) where the rows are active; w = 1 (or an inactive row) is the plain D.
+
+    Subclasses say what the reference prediction D_ref is. ``network_evaluations(sigma)`` is the honest cost of
+    one call (2 where guidance is active, else 1), which the sampler adds to its NFE count.
+    """
+
+    def __init__(self, denoiser: nn.Module, scale: float = 1.0, sigma_interval: tuple[float, float] | None = None):
+        super().__init__(denoiser, scale, sigma_interval)
+
+    def active(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Rows inside the interval, unless w = 1 (plain D); w = 0 is a valid weight here (D_ref alone)."""
+        if self.scale == 1:
+            return torch.zeros_like(sigma, dtype=torch.bool)
+        if self.sigma_interval is None:
+            return torch.ones_like(sigma, dtype=torch.bool)
+        lo, hi = self.sigma_interval
+        return (sigma >= lo) & (sigma <= hi)
+
+    def network_evaluations(self, sigma: float) -> int:
+        return 2 if bool(self.active(torch.tensor([float(sigma)], dtype=torch.float64)).any()) else 1
+
+    def reference(self, x, sigma, class_labels, **model_kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x, sigma, class_labels=None, **model_kwargs):
+        sigmas = torch.as_tensor(sigma, device=x.device).to(torch.float64).reshape(-1).expand(x.shape[0])
+        rows = self.active(sigmas)
+        D = self.denoiser(x, sigma, class_labels, **model_kwargs)
+        if not bool(rows.any()):
+            return D
+        D_ref = self.reference(x, sigma, class_labels, **model_kwargs)
+        guided = (D_ref.to(torch.float64) + self.scale * (D.to(torch.float64) - D_ref.to(torch.float64))).to(D.dtype)
+        return torch.where(rows.reshape(-1, *[1] * (x.ndim - 1)), guided, D)
+
+
+class ClassifierFreeGuidance(_TwoModelGuidance):
+    """Classifier-free guidance (Ho & Salimans 2022): D_w = D(x; sigma) + w (D(x; sigma, y) - D(x; sigma)).
+
+    For networks trained with label dropout, where the unconditional prediction is the one for an all-zero label
+    vector (EDM's convention: dropped labels are zeroed, and its preconditioners pass zeros for None).
+    """
+
+    def __init__(self, denoiser: nn.Module, scale: float = 1.0, sigma_interval: tuple[float, float] | None = None):
+        if not int(getattr(denoiser, "label_dim", 0) or 0):
+            raise ConfigError("classifier-free guidance needs a class-conditional network (label_dim > 0); "
+                              "use autoguidance with a guide network instead")
+        super().__init__(denoiser, scale, sigma_interval)
+
+    def reference(self, x, sigma, class_labels, **model_kwargs):
+        zeros = torch.zeros(x.shape[0], self.denoiser.label_dim, device=x.device)
+        return self.denoiser(x, sigma, zeros, **model_kwargs)
+
+
+class AutoGuidance(_TwoModelGuidance):
+    """Guidance by a second, weaker network (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of
+    Itself", EDM2): D_w = D_guide(x; sigma) + w (D(x; sigma) - D_guide(x; sigma))."""
+
+    def __init__(self, denoiser: nn.Module, guide: nn.Module, scale: float = 1.0,
+                 sigma_interval: tuple[float, float] | None = None):
+        for name in ("img_channels", "img_resolution"):
+            a, b = getattr(denoiser, name, None), getattr(guide, name, None)
+            if a is not None and b is not None and a != b:
+                raise ConfigError(f"the guide network's {name} is {b} but the main network's is {a}")
+        if int(getattr(guide, "label_dim", 0) or 0) not in (0, int(getattr(denoiser, "label_dim", 0) or 0)):
+            raise ConfigError("the guide network's label_dim differs from the main network's")
+        super().__init__(denoiser, scale, sigma_interval)
+        self.guide = guide
+
+    def reference(self, x, sigma, class_labels, **model_kwargs):
+        labels = class_labels if int(getattr(self.guide, "label_dim", 0) or 0) else None
+        return self.guide(x, sigma, labels, **model_kwargs)

@@ -101,8 +101,9 @@ class Sampler:
         if isinstance(self.churn, Mapping):
             object.__setattr__(self, "churn", Churn(**self.churn))
         if self.churn.S_churn > 0 and not getattr(self.solver, "accepts_churn", True):
+            takers = [n for n in SOLVERS.names() if getattr(SOLVERS.get(n), "accepts_churn", True)]
             raise ConfigError(f"solver {self.solver.name!r} cannot take stochastic churn; set S_churn to 0 "
-                              "or choose euler/heun")
+                              f"or choose one of: {', '.join(takers)}")
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 2:
             raise ConfigError(f"num_steps must be an integer >= 2, got {self.num_steps!r}")
         for name in ("sigma_min", "sigma_max"):
@@ -185,10 +186,11 @@ class Sampler:
         """
         plan = plan if plan is not None else self.plan(net, latents.device)
         nfe = 0
+        cost = getattr(net, "network_evaluations", None)  # guidance wrappers evaluate two networks per call
 
         def denoise(x, point):
             nonlocal nfe
-            nfe += 1
+            nfe += 1 if cost is None else cost(point.sigma)
             return net(x if point.inv_s == 1.0 else x * point.inv_s, point.sigma_net, class_labels).to(torch.float64)
 
         ctx = StepContext(denoise, randn_like)

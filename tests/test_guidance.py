@@ -176,3 +176,52 @@ def test_errors(net, classifier, case):
     with pytest.raises(ConfigError, match="500 steps"):
         ClassifierGuidance(net, short)
     assert issubclass(ClassifierGuidance, GuidedDenoiser)
+
+
+# --- classifier-free guidance and autoguidance --------------------------------------------------------------
+
+def _ideal_pair():
+    from edm_toolkit.ideal import IdealDenoiser
+
+    g = torch.Generator().manual_seed(5)
+    data = torch.randn(6, 1, 2, 2, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    return IdealDenoiser(data, labels, label_dim=3), IdealDenoiser(data, labels, label_dim=3, width=0.5), data
+
+
+def test_classifier_free_guidance_formula_and_identity():
+    from edm_toolkit.guidance import ClassifierFreeGuidance
+
+    net, _, _ = _ideal_pair()
+    x = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    y = torch.eye(3)[[0, 1, 2, 1]]
+    D_c, D_u = net(x, 0.7, y), net(x, 0.7, torch.zeros(4, 3))
+    torch.testing.assert_close(ClassifierFreeGuidance(net, 3.0)(x, 0.7, y), D_u + 3.0 * (D_c - D_u))
+    assert torch.equal(ClassifierFreeGuidance(net, 1.0)(x, 0.7, y), D_c)  # w = 1 is plain conditional D
+    g = ClassifierFreeGuidance(net, 3.0, sigma_interval=(1.0, 5.0))
+    assert torch.equal(g(x, 0.7, y), D_c) and g.network_evaluations(0.7) == 1 and g.network_evaluations(2.0) == 2
+    with pytest.raises(ConfigError, match="class-conditional"):
+        from edm_toolkit.ideal import IdealDenoiser
+
+        ClassifierFreeGuidance(IdealDenoiser(torch.zeros(2, 1, 2, 2)), 2.0)  # unconditional
+
+
+def test_autoguidance_formula_and_sampling_identity():
+    from edm_toolkit.generate import sample_batch
+    from edm_toolkit.guidance import AutoGuidance
+    from edm_toolkit.sampling import Sampler
+
+    net, weak, _ = _ideal_pair()
+    x = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    y = torch.eye(3)[[0, 1, 2]]
+    expected = weak(x, 2.0, y) + 2.5 * (net(x, 2.0, y) - weak(x, 2.0, y))
+    torch.testing.assert_close(AutoGuidance(net, weak, 2.5)(x, 2.0, y), expected)
+    # w = 1: plain sampling, bit for bit, with the honest NFE of one network per call.
+    net.img_resolution = 2
+    sampler = Sampler(num_steps=5)
+    plain = sample_batch(net, sampler, [0, 1, 2], "cpu")
+    guided = AutoGuidance(net, weak, 1.0)
+    assert torch.equal(sample_batch(guided, sampler, [0, 1, 2], "cpu"), plain)
+    counts = []
+    sampler(AutoGuidance(net, weak, 2.0), plain, callback=lambda info: counts.append(info.nfe))
+    assert counts[-1] == 2 * sampler.nfe
