@@ -44,8 +44,21 @@ class _Seeds(click.ParamType):
             self.fail(exc.message, param, ctx)
 
 
-def _choice(registry):
-    return click.Choice(registry.names())
+DISCRETE_METHODS = ("ddpm", "ddim")  # the original samplers on a model's own grid (edm_toolkit.discrete)
+
+
+def _choice(registry, extra=()):
+    return click.Choice(registry.names() + list(extra))
+
+
+def _interval(text):
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not LO,HI (two numbers)", param_hint="'--guidance-interval'") from None
+    return lo, hi
 
 
 @click.command(context_settings={"show_default": True})
@@ -77,14 +90,26 @@ def _choice(registry):
               help="Stoch. max noise level  [default: inf]")
 @click.option("--S_noise", "S_noise", type=click.FloatRange(min=0), default=None, metavar="FLOAT",
               help="Stoch. noise inflation  [default: 1]")
-@click.option("--solver", type=_choice(SOLVERS), default=None,
-              help="Solver (see 'edm solvers')  [default: the preset's]")
+@click.option("--solver", type=_choice(SOLVERS, DISCRETE_METHODS), default=None,
+              help="Solver (see 'edm solvers'); ddpm/ddim are the original samplers on the model's own grid  "
+                   "[default: the preset's]")
 @click.option("--solver-opt", "solver_opts", multiple=True, metavar="KEY=VALUE",
               help="A solver option, e.g. --solver-opt order=3 (repeatable; see 'edm solvers')")
 @click.option("--disc", "discretization", type=_choice(DISCRETIZATIONS), default=None,
               help="Time step discretization {t_i}  [default: the preset's]")
 @click.option("--schedule", type=_choice(SCHEDULES), default=None, help="Noise schedule sigma(t)  [default: the preset's]")
 @click.option("--scaling", type=_choice(SCALINGS), default=None, help="Signal scaling s(t)  [default: the preset's]")
+@click.option("--guidance", type=float, default=None, metavar="W",
+              help="Guidance weight w (1 = none): classifier-free for a conditional network, or autoguidance "
+                   "with --guide-network")
+@click.option("--guide-network", default=None, metavar="PATH",
+              help="A weaker network guiding the main one (autoguidance, EDM2): D_guide + w (D - D_guide)")
+@click.option("--classifier", "classifier_path", default=None, metavar="PATH",
+              help="ADM noisy classifier (e.g. 64x64_classifier.pt) for classifier guidance")
+@click.option("--classifier-scale", type=float, default=None, metavar="S", help="Classifier guidance scale  [default: 1]")
+@click.option("--classifier-flags", default=None, metavar="FLAGS",
+              help="The classifier's flags in the original syntax, where its file name does not tell")
+@click.option("--guidance-interval", default=None, metavar="LO,HI", help="Guide only where LO <= sigma <= HI")
 @click.option("--grid", is_flag=True, help="Also write all images as one PNG grid, DIR/grid.png")
 @click.option("--device", default=None, metavar="DEVICE", help="Torch device  [default: cuda if available, else cpu]")
 @source_options
@@ -94,7 +119,8 @@ def _choice(registry):
 @click.option("--channels-last", is_flag=True, help="Run the network in channels_last memory format")
 @click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (slow start, faster steps)")
 def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, preset, grid, device, model_flags,
-             model_config, weights, precision, channels_last, compile_net, solver_opts, **options):
+             model_config, weights, precision, channels_last, compile_net, solver_opts, guidance, guide_network,
+             classifier_path, classifier_scale, classifier_flags, guidance_interval, **options):
     """Generate images with any sampler of the design space (EDM's generate.py options).
 
     \b
@@ -116,6 +142,8 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
     for flag, value in (("--model-flags", model_flags), ("--model-config", model_config)):
         if value is not None and network_path is None:
             raise click.UsageError(f"{flag} describes a --network file; give --network PATH or drop {flag}")
+    interval = _interval(guidance_interval)
+    _check_guidance_options(guidance, guide_network, classifier_path, classifier_scale, classifier_flags, interval)
     device = _resolve_device(device)
     sampler = _sampler_from_options(preset, options, solver_opts)
     group = init_from_env(device.type)
@@ -125,12 +153,13 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
         net = _load_network(network_path, device, echo=group.rank == 0, model_flags=model_flags,
                             config=model_config, use_ema=weights == "ema")
         net = optimize(net, InferenceOptions(precision, channels_last, compile_net))
+        net, sampler = _with_guidance(net, sampler, device, guidance, guide_network, classifier_path,
+                                      1.0 if classifier_scale is None else classifier_scale, classifier_flags, interval)
         check_class(net, class_idx)
-        sampler.sigma_range(net)  # fail now on an empty noise range, not after loading every rank
+        plan = sampler.plan(net, device)  # fail now on an impossible combination, not after loading every rank
         if group.rank == 0:
-            click.echo(f"Generating {len(seeds)} images to {str(outdir)!r} ({sampler.num_steps} steps, "
-                       f"{sampler.nfe} NFE per image, {sampler.solver.name}/{sampler.discretization.name}/"
-                       f"{sampler.schedule.name}/{sampler.scaling.name}, {device})", err=True)
+            click.echo(f"Generating {len(seeds)} images to {str(outdir)!r} ({_describe(sampler)}, "
+                       f"{plan.nfe} denoiser calls per image, {device})", err=True)
         generate_images(net, sampler, seeds, outdir, max_batch_size=max_batch_size, class_idx=class_idx,
                         subdirs=subdirs, device=device, group=group)
         group.barrier()
@@ -140,6 +169,62 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
             click.echo("Done.", err=True)
     finally:
         shutdown()
+
+
+def _check_guidance_options(guidance, guide_network, classifier_path, classifier_scale, classifier_flags, interval):
+    if guide_network is not None and guidance is None:
+        raise click.UsageError("--guide-network needs a weight: add --guidance W (e.g. 2.0)")
+    if classifier_path is None and (classifier_scale is not None or classifier_flags is not None):
+        raise click.UsageError("--classifier-scale/--classifier-flags describe a classifier: add --classifier PATH")
+    if guidance is not None and classifier_path is not None:
+        raise click.UsageError("choose one kind of guidance: --guidance or --classifier, not both")
+    if interval is not None and guidance is None and classifier_path is None:
+        raise click.UsageError("--guidance-interval needs --guidance or --classifier")
+
+
+def _with_guidance(net, sampler, device, guidance, guide_network, classifier_path, classifier_scale,
+                   classifier_flags, interval):
+    """The denoiser (and sampler) with the requested guidance."""
+    from ..discrete import DiscreteSampler
+    from ..guidance import AutoGuidance, ClassifierFreeGuidance, ClassifierGuidance
+
+    if guidance is not None:
+        if guide_network is not None:
+            from ..loading import load_denoiser
+
+            return AutoGuidance(net, load_denoiser(guide_network, device=device), guidance, interval), sampler
+        return ClassifierFreeGuidance(net, guidance, interval), sampler
+    if classifier_path is None:
+        return net, sampler
+    from ..adapters.openai import load_openai_classifier
+
+    classifier = load_openai_classifier(classifier_path, model_flags=classifier_flags).to(device)
+    if isinstance(sampler, DiscreteSampler):  # the original forms: mean shift (ddpm) and eps form (ddim)
+        if interval is not None:
+            raise click.UsageError("--guidance-interval applies to the continuous solvers, not to ddpm/ddim")
+        return net, _WithClassifier(sampler, classifier, classifier_scale)
+    return ClassifierGuidance(net, classifier, classifier_scale, interval), sampler
+
+
+class _WithClassifier:
+    """A discrete sampler with its classifier bound, usable wherever a sampler is."""
+
+    def __init__(self, sampler, classifier, scale):
+        self.sampler, self.classifier, self.scale = sampler, classifier, scale
+
+    def plan(self, net, device=None):
+        return self.sampler.plan(net, device)
+
+    def __call__(self, *args, **kwargs):
+        return self.sampler(*args, classifier=self.classifier, classifier_scale=self.scale, **kwargs)
+
+
+def _describe(sampler) -> str:
+    inner = getattr(sampler, "sampler", sampler)
+    if hasattr(inner, "solver"):
+        return (f"{inner.num_steps} steps, {inner.solver.name}/{inner.discretization.name}/"
+                f"{inner.schedule.name}/{inner.scaling.name}")
+    return f"{inner.method}, respacing {inner.respacing or 'none'}"
 
 
 def _resolve_device(name):
@@ -181,10 +266,27 @@ def _solver_options(pairs) -> dict:
     return options
 
 
+def _discrete_sampler(method, options, solver_opts):
+    """ddpm/ddim on the model's own grid; --steps N means respacing "ddimN" (ddim) or "N" (ddpm)."""
+    from ..discrete import DiscreteSampler
+
+    given = {k: v for k, v in options.items() if v is not None and k not in ("solver", "num_steps")}
+    if given:
+        flag = "--" + {"discretization": "disc"}.get(next(iter(given)), next(iter(given)))
+        raise click.UsageError(f"{flag} does not apply to --solver {method}, which runs on the model's own grid; "
+                               "drop it, or set the grid with --steps or --solver-opt respacing=...")
+    extra = _solver_options(solver_opts)
+    if "respacing" not in extra and options.get("num_steps") is not None:
+        extra["respacing"] = f"ddim{options['num_steps']}" if method == "ddim" else str(options["num_steps"])
+    return DiscreteSampler(method=method, **extra)
+
+
 def _sampler_from_options(preset_name, options, solver_opts=()):
     """The preset's sampler with the given command-line options replacing its values."""
     from ..presets import load_preset
 
+    if options.get("solver") in DISCRETE_METHODS:
+        return _discrete_sampler(options["solver"], options, solver_opts)
     sampler = load_preset(preset_name).sampling
     given = {k: v for k, v in options.items() if v is not None}
     changes = {k: given[k] for k in ("num_steps", "sigma_min", "sigma_max") if k in given}
