@@ -34,7 +34,7 @@ def test_generate_writes_pngs_and_grid(tmp_path):
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "000002.png", "000003.png", "grid.png"]
     assert read(out / "grid.png").shape == (64, 64, 3)  # 2x2 tiles of 32x32
-    assert "4/4 images" in result.stderr and "11 NFE per image" in result.stderr
+    assert "4/4 images" in result.stderr and "11 denoiser calls per image" in result.stderr
     # The PNG is exactly EDM's uint8 conversion of the sampler's output for that seed.
     expected = to_uint8(sample_batch(default_model(), Sampler(num_steps=6), [2], "cpu"))[0]
     assert np.array_equal(read(out / "000002.png"), expected)

@@ -32,8 +32,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_section  # noqa: E402
 
-from edm_toolkit.default_model import default_model  # noqa: E402
-from edm_toolkit.ideal import solve_pf_ode  # noqa: E402
 from edm_toolkit.rng import SeedGenerators  # noqa: E402
 from edm_toolkit.sampling import Churn, Sampler  # noqa: E402
 
@@ -44,29 +42,16 @@ STEPS = {"euler": [8, 16, 32, 64, 128], "heun": [5, 9, 17, 33, 65]}
 
 
 def accuracy(quick: bool):
-    net = default_model()
-    seeds = list(range(32))
-    latents = SeedGenerators(seeds).randn([len(seeds), 3, 32, 32], dtype=torch.float64)
-    exact_cache: dict[tuple[float, float], torch.Tensor] = {}
+    from _accuracy import AccuracyProbe
+
+    probe = AccuracyProbe()
     rows = []
     combos = list(itertools.product(["euler", "heun"], DISCS, SCHEDULES, SCALINGS))
     if quick:
         combos = [c for c in combos if c[2] == "linear" and c[3] == "none"]
     for solver, disc, schedule, scaling in combos:
-        errors = []
-        for n in STEPS[solver]:
-            sampler = Sampler(solver=solver, discretization=disc, schedule=schedule, scaling=scaling, num_steps=n)
-            plan = sampler.plan(net)
-            states = {}
-            sampler(net, latents, callback=lambda info: states.__setitem__(info.step, info.x), plan=plan)
-            s0, s1 = float(plan.sigma_steps[0]), float(plan.sigma_steps[n - 1])
-            key = (s0, s1)
-            if key not in exact_cache:
-                exact_cache[key] = solve_pf_ode(net, latents * s0, s0, s1, rtol=1e-10, atol=1e-10)
-            s_end = 1 / math.sqrt(1 + s1**2) if scaling == "vp" else 1.0
-            per_seed = ((states[n - 1] / s_end - exact_cache[key]) ** 2).flatten(1).mean(1).sqrt()
-            err = float(per_seed.median())
-            errors.append((sampler.nfe, err))
+        errors = [probe.error(Sampler(solver=solver, discretization=disc, schedule=schedule, scaling=scaling,
+                                      num_steps=n)) for n in STEPS[solver]]
         rows.append((solver, disc, schedule, scaling, errors))
         print(f"{solver:5s} {disc:6s} {schedule:6s} {scaling:4s} " + " ".join(f"{e:.2e}@{k}" for k, e in errors), flush=True)
     return rows

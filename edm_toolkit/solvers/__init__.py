@@ -1,10 +1,14 @@
 """ODE/SDE solvers that advance x from t_hat to t_next, registered by name.
 
-A solver sees the probability-flow ODE only through ``evaluate(x, point)``, which returns dx/dt at a
-precomputed time point and costs one network evaluation, so every solver runs unchanged on any schedule,
-scaling, discretization and denoiser. Stochastic churn is applied by the sampling loop, before the step.
+A solver sees the network only through its step context (``ctx.denoise(x, point)``: one network evaluation at
+a precomputed time point; ``ctx.derivative``: dx/dt of EDM Eq. 4), so every solver runs unchanged on any
+schedule, scaling, discretization and denoiser. Stochastic churn is applied by the sampling loop, before the step.
+
+ode: euler, heun. multistep: dpmpp, unipc, ipndm, lms, deis. adaptive: the reference solver. stochastic:
+euler_ancestral, dpmpp_2m_sde, dpmpp_3m_sde, restart.
 """
 
+from . import adaptive, multistep, stochastic  # noqa: F401  (register their solvers)
 from .base import SOLVERS, ODEPoint, ProbabilityFlowODE, Solver, StepContext
 from .ode import Euler, Heun
 
