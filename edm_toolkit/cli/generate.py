@@ -158,8 +158,10 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
         check_class(net, class_idx)
         plan = sampler.plan(net, device)  # fail now on an impossible combination, not after loading every rank
         if group.rank == 0:
+            solver = getattr(getattr(sampler, "sampler", sampler), "solver", None)
+            at_least = "" if getattr(solver, "fixed_cost", True) else "at least "
             click.echo(f"Generating {len(seeds)} images to {str(outdir)!r} ({_describe(sampler)}, "
-                       f"{plan.nfe} denoiser calls per image, {device})", err=True)
+                       f"{at_least}{plan.nfe} denoiser calls per image, {device})", err=True)
         generate_images(net, sampler, seeds, outdir, max_batch_size=max_batch_size, class_idx=class_idx,
                         subdirs=subdirs, device=device, group=group)
         group.barrier()

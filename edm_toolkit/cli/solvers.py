@@ -25,7 +25,8 @@ def solvers():
         options = ", ".join(f"{f.name}={getattr(solver, f.name)!r}" for f in dataclasses.fields(solver) if f.init)
         summary = (type(solver).__doc__ or "").strip().splitlines()[0].split(": ")[0].rstrip(".,:")
         summary = summary if len(summary) <= 70 else summary[:67] + "..."
-        rows.append((name, str(getattr(solver, "order", "?")), nfe_formula(solver), options or "-", summary))
+        cost = nfe_formula(solver) if solver.fixed_cost else f"adaptive (>= {nfe_formula(solver)})"
+        rows.append((name, str(getattr(solver, "order", "?")), cost, options or "-", summary))
     from ..discrete import DiscreteSampler
 
     for method in ("ddpm", "ddim"):

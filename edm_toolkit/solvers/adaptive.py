@@ -60,6 +60,7 @@ class Adaptive(Solver):
 
     name: ClassVar[str] = "adaptive"
     order: ClassVar[int] = 5
+    fixed_cost: ClassVar[bool] = False  # the step control decides; evaluations() is the minimum
     rtol: float = 1e-6
     atol: float = 1e-6
     max_evaluations: int = 100_000

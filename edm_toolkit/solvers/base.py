@@ -86,6 +86,7 @@ class Solver:
 
     name: ClassVar[str]
     order: ClassVar[int]
+    fixed_cost: ClassVar[bool] = True  # False: ``evaluations`` is a lower bound (error-controlled solvers)
 
     def evaluations(self, num_steps: int) -> int:
         """Network evaluations for ``num_steps`` steps (counted honestly, e.g. 2N - 1 for Heun)."""
