@@ -109,14 +109,18 @@ class GuidedDenoiser(nn.Module):
                 raise
             return getattr(self.denoiser, name)
 
-    def active(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Which rows (per-row sigma, float64 [B]) are guided: scale != 0 and sigma inside the interval."""
-        if self.scale == 0:
-            return torch.zeros_like(sigma, dtype=torch.bool)
+    def in_interval(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Which rows (per-row sigma, float64 [B]) lie inside the guidance interval."""
         if self.sigma_interval is None:
             return torch.ones_like(sigma, dtype=torch.bool)
         lo, hi = self.sigma_interval
         return (sigma >= lo) & (sigma <= hi)
+
+    def active(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Which rows are guided: scale != 0 and sigma inside the interval."""
+        if self.scale == 0:
+            return torch.zeros_like(sigma, dtype=torch.bool)
+        return self.in_interval(sigma)
 
 
 class ClassifierGuidance(GuidedDenoiser):
@@ -191,10 +195,7 @@ class _TwoModelGuidance(GuidedDenoiser):
         """Rows inside the interval, unless w = 1 (plain D); w = 0 is a valid weight here (D_ref alone)."""
         if self.scale == 1:
             return torch.zeros_like(sigma, dtype=torch.bool)
-        if self.sigma_interval is None:
-            return torch.ones_like(sigma, dtype=torch.bool)
-        lo, hi = self.sigma_interval
-        return (sigma >= lo) & (sigma <= hi)
+        return self.in_interval(sigma)
 
     def network_evaluations(self, sigma: float) -> int:
         return 2 if bool(self.active(torch.tensor([float(sigma)], dtype=torch.float64)).any()) else 1
