@@ -84,13 +84,13 @@ class Progress:
 def generate_images(
     net, sampler: Sampler, seeds: Sequence[int], outdir: str | Path, *, max_batch_size: int = 64,
     class_idx: int | None = None, subdirs: bool = False, device="cpu", group: ProcessGroup = ProcessGroup(),
-    progress: bool = True,
+    progress: bool = True, plan=None,
 ) -> list[Path]:
     """Writes one PNG per seed (this process's share of the seeds); returns the paths it wrote."""
     check_class(net, class_idx)
     device = torch.device(device)
     batches = rank_batches(list(seeds), max_batch_size, group)
-    plan = sampler.plan(net, device)
+    plan = plan if plan is not None else sampler.plan(net, device)
     meter = Progress(sum(len(b) for b in batches), plan.nfe, enabled=progress and group.rank == 0)
     written: list[Path] = []
     try:

@@ -134,7 +134,6 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
 
     from ..distributed import init_from_env, shutdown
     from ..generate import check_class, generate_images, write_grid
-
     from ..inference import InferenceOptions, optimize
 
     if not seeds:
@@ -163,7 +162,7 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
             click.echo(f"Generating {len(seeds)} images to {str(outdir)!r} ({_describe(sampler)}, "
                        f"{at_least}{plan.nfe} denoiser calls per image, {device})", err=True)
         generate_images(net, sampler, seeds, outdir, max_batch_size=max_batch_size, class_idx=class_idx,
-                        subdirs=subdirs, device=device, group=group)
+                        subdirs=subdirs, device=device, group=group, plan=plan)
         group.barrier()
         if group.rank == 0:
             if grid:
