@@ -8,8 +8,9 @@ ode: euler, heun. multistep: dpmpp, unipc, ipndm, lms, deis. adaptive: the refer
 euler_ancestral, dpmpp_2m_sde, dpmpp_3m_sde, restart.
 """
 
-from . import adaptive, multistep, stochastic  # noqa: F401  (register their solvers)
 from .base import SOLVERS, ODEPoint, ProbabilityFlowODE, Solver, StepContext
-from .ode import Euler, Heun
+from .ode import Euler, Heun  # registered first: the order of listings and error messages
+
+from . import multistep, adaptive, stochastic  # noqa: E402, F401, I001  (register their solvers)
 
 __all__ = ["SOLVERS", "ODEPoint", "ProbabilityFlowODE", "Solver", "StepContext", "Euler", "Heun"]
