@@ -55,3 +55,13 @@ def load_fixture():
         return cache[name]
 
     return load
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the duration of a test: the tiny tensors of these tests run fastest that way, above
+    all on shared cores where extra threads only wait for each other. The previous setting is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,6 +16,8 @@ from edm_toolkit.guidance import grid_alphas_cumprod
 from edm_toolkit.precond import EDMPrecond, IDDPMPrecond
 from edm_toolkit.rng import SeedGenerators
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (conftest)
+
 # What the 16x16 fixture weights cannot tell (gd_sampling's diffusion: cosine, 1000 steps, no rescaling).
 MODEL_FLAGS = ("--image_size 16 --num_heads 2 --use_new_attention_order False --noise_schedule cosine "
                "--diffusion_steps 1000 --rescale_timesteps False")
@@ -32,15 +34,6 @@ RUNS = {
     "extra_p_sample_10_classifier_guided": DiscreteSampler("ddpm", "10"),
     "extra_ddim_eta0_ddim5_noclip": DiscreteSampler("ddim", "ddim5", clip_denoised=False),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These 16x16 networks gain nothing from intra-op threads, which only spin on busy shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

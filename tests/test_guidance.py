@@ -16,20 +16,13 @@ from edm_toolkit.guidance import ClassifierGuidance, GuidedDenoiser, classifier_
 from edm_toolkit.precond import EDMPrecond
 from edm_toolkit.sampling import Sampler
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (conftest)
+
 MODEL_FLAGS = ("--image_size 16 --num_heads 2 --use_new_attention_order False --noise_schedule cosine "
                "--diffusion_steps 1000 --rescale_timesteps False")
 CLASSIFIER_FLAGS = ("--image_size 16 --classifier_width 32 --classifier_depth 1 --classifier_attention_resolutions "
                     "16,8 --classifier_pool attention --num_head_channels 16 --channel_mult 1,2")
 NUM_CLASSES = 10
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These 16x16 networks gain nothing from intra-op threads, which only spin on busy shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ FAMILIES = ["edm-pickle", "guided-diffusion", "score_sde"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_solver_runs_on_every_family(family, family_net):
+def test_every_solver_runs_on_every_family(family, family_net, one_thread):
     net = family_net(family)
     seeds = [0, 1]
     for name in SOLVERS.names():

@@ -14,19 +14,12 @@ from edm_toolkit.sampling import Churn, Sampler
 from edm_toolkit.solvers import SOLVERS
 from edm_toolkit.solvers.multistep import exponential_weights, integrate_basis, step_orders
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (conftest)
+
 _gen = torch.Generator().manual_seed(0)
 DATA = torch.randn(6, 1, 2, 2, generator=_gen, dtype=torch.float64) * 0.5
 LATENTS = torch.randn(3, 1, 2, 2, generator=_gen, dtype=torch.float64)
 NET = IdealDenoiser(DATA, width=0.3)  # a smooth Gaussian mixture: every ODE solution is smooth
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny; on a shared machine extra threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)

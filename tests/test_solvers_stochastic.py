@@ -132,15 +132,6 @@ DISTRIBUTION_RUNS = [
 NUM_SAMPLES = 4000
 
 
-@pytest.fixture
-def one_thread():
-    """These long loops over small tensors run fastest on one intra-op thread, above all on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("key,num_steps", DISTRIBUTION_RUNS)
 def test_single_gaussian_has_the_right_mean_and_variance(key, num_steps, one_thread):
     """Data N(y, s^2 I): samples have mean y and variance s^2 within 5 standard errors (pixels are independent)."""
