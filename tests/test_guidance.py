@@ -18,11 +18,7 @@ from edm_toolkit.sampling import Sampler
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (conftest)
 
-MODEL_FLAGS = ("--image_size 16 --num_heads 2 --use_new_attention_order False --noise_schedule cosine "
-               "--diffusion_steps 1000 --rescale_timesteps False")
-CLASSIFIER_FLAGS = ("--image_size 16 --classifier_width 32 --classifier_depth 1 --classifier_attention_resolutions "
-                    "16,8 --classifier_pool attention --num_head_channels 16 --channel_mult 1,2")
-NUM_CLASSES = 10
+from gd_fixture_flags import CLASSIFIER_FLAGS, MODEL_FLAGS, NUM_CLASSES  # noqa: E402
 
 
 @pytest.fixture(scope="module")
