@@ -100,8 +100,8 @@ class Sampler:
             object.__setattr__(self, name, registry.create(getattr(self, name)))
         if isinstance(self.churn, Mapping):
             object.__setattr__(self, "churn", Churn(**self.churn))
-        if self.churn.S_churn > 0 and not getattr(self.solver, "accepts_churn", True):
-            takers = [n for n in SOLVERS.names() if getattr(SOLVERS.get(n), "accepts_churn", True)]
+        if self.churn.S_churn > 0 and not self.solver.accepts_churn:
+            takers = [n for n in SOLVERS.names() if SOLVERS.get(n).accepts_churn]
             raise ConfigError(f"solver {self.solver.name!r} cannot take stochastic churn; set S_churn to 0 "
                               f"or choose one of: {', '.join(takers)}")
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 2:

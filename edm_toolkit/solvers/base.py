@@ -87,6 +87,9 @@ class Solver:
     name: ClassVar[str]
     order: ClassVar[int]
     fixed_cost: ClassVar[bool] = True  # False: ``evaluations`` is a lower bound (error-controlled solvers)
+    # Whether the sampling loop may raise the noise level before a step (EDM's churn). Multistep methods whose
+    # history assumes t_hat_i = t_{i} cannot take it.
+    accepts_churn: ClassVar[bool] = True
 
     def evaluations(self, num_steps: int) -> int:
         """Network evaluations for ``num_steps`` steps (counted honestly, e.g. 2N - 1 for Heun)."""
