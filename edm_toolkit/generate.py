@@ -23,29 +23,47 @@ from .sampling import Sampler, StepInfo
 
 
 def check_class(net, class_idx: int | None) -> None:
-    label_dim = int(getattr(net, "label_dim", 0) or 0)
     if class_idx is None:
         return
-    if label_dim == 0:
+    if net.label_dim == 0:
         raise EDMToolkitError("--class was given but the network is unconditional (label_dim 0); drop --class")
-    if not 0 <= class_idx < label_dim:
-        raise EDMToolkitError(f"--class {class_idx} is out of range: the network has classes 0..{label_dim - 1}")
+    if not 0 <= class_idx < net.label_dim:
+        raise EDMToolkitError(f"--class {class_idx} is out of range: the network has classes 0..{net.label_dim - 1}")
 
 
-def sample_batch(net, sampler: Sampler, seeds: Sequence[int], device, class_idx: int | None = None,
-                 callback: Callable[[StepInfo], None] | None = None, plan=None) -> torch.Tensor:
-    """float64 images [len(seeds), C, H, W] for these seeds, exactly as EDM's generate.py draws them."""
-    rnd = SeedGenerators(seeds, device)
-    latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
-    class_labels = None
-    label_dim = int(getattr(net, "label_dim", 0) or 0)
-    if label_dim:
-        class_labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[len(seeds)], device=device)]
+def sample_batch(net, sampler: Sampler, seeds: Sequence[int] | None = None, device="cpu", class_idx: int | None = None,
+                 callback: Callable[[StepInfo], None] | None = None, plan=None, *, latents: torch.Tensor | None = None,
+                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 images [batch, C, H, W] from any sampler, exactly as EDM's generate.py draws them.
+
+    With ``seeds``, one generator per seed draws the latent, then the class label, then the solver's noise (EDM's
+    order), so an image depends only on its seed; given ``latents`` (unit variance, [len(seeds), C, H, W]) or
+    one-hot ``class_labels`` replace those draws, which are still made, so the rest of each stream is unchanged.
+    Without seeds, ``latents`` are required and the noise comes from torch's global generator. ``class_idx``
+    forces one class for every image.
+    """
+    if seeds is None and latents is None:
+        raise EDMToolkitError("sample_batch needs seeds or latents")
+    shape = [net.img_channels, net.img_resolution, net.img_resolution]
+    if seeds is not None:
+        rnd = SeedGenerators(seeds, device)
+        drawn = rnd.randn([len(seeds), *shape], device=device)
+        latents = drawn if latents is None else latents
+        drawn_labels = rnd.randint(net.label_dim, size=[len(seeds)], device=device) if net.label_dim else None
+        randn_like = rnd.randn_like
+    else:
+        drawn_labels, randn_like = None, torch.randn_like
+    latents = latents.to(device)
+    if list(latents.shape[1:]) != shape:
+        raise EDMToolkitError(f"latents have shape {tuple(latents.shape)}; the network needs [batch, {', '.join(map(str, shape))}]")
+    if net.label_dim and class_labels is None:
         if class_idx is not None:
-            class_labels[:, :] = 0
-            class_labels[:, class_idx] = 1
+            drawn_labels = torch.full([len(latents)], class_idx, dtype=torch.int64, device=device)
+        elif drawn_labels is None:
+            drawn_labels = torch.randint(net.label_dim, [len(latents)], device=device)
+        class_labels = torch.eye(net.label_dim, device=device)[drawn_labels]
     with torch.no_grad():
-        return sampler(net, latents, class_labels, randn_like=rnd.randn_like, callback=callback, plan=plan)
+        return sampler(net, latents, class_labels, randn_like=randn_like, callback=callback, plan=plan)
 
 
 class Progress:

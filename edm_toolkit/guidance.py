@@ -1,9 +1,10 @@
 """Guidance as denoiser wrappers: D'(x; sigma) built from a denoiser D(x; sigma) and a guiding model.
 
-Every wrapper is itself a denoiser of the toolkit's protocol (``forward(x, sigma, class_labels, **kwargs)`` and
-the wrapped denoiser's sigma_min, sigma_max, round_sigma, img_channels, ...), so it works with every solver.
-:class:`GuidedDenoiser` is their shared base: the guidance scale, and an optional interval of noise levels
-[lo, hi] outside which the wrapper is the plain denoiser.
+Every wrapper is a :class:`~edm_toolkit.protocol.DenoiserWrapper`: a denoiser of the toolkit's protocol whose
+geometry, noise range, step grid and learned variance are the wrapped denoiser's, so it works with every solver
+(the original ddpm/ddim samplers included; a learned variance passes through unchanged). :class:`GuidedDenoiser`
+is their shared base: the guidance scale, and an optional interval of noise levels [lo, hi] outside which the
+wrapper is the plain denoiser.
 
 Classifier guidance (Dhariwal & Nichol 2021, Sec. 4.1): conditioning on a class y adds grad_x log p(y | x) to
 the score. Since D(x; sigma) = x + sigma^2 grad_x log p(x; sigma) (Karras et al. 2022, Eq. 3),
@@ -13,7 +14,7 @@ the score. Since D(x; sigma) = x + sigma^2 grad_x log p(x; sigma) (Karras et al.
 ADM's noisy classifier p_phi(y | x_t, t) was trained on x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps at step
 index t, which is EDM's x (= x_0 + sigma n) scaled by 1/sqrt(1 + sigma^2) at sigma_t^2 = (1 - abar_t)/abar_t.
 The wrapper feeds it exactly that, with t the step nearest to sigma on the model's grid, and takes the gradient
-with respect to EDM's x through the scaling. The discrete samplers of :mod:`edm_toolkit.discrete` use the
+with respect to EDM's x through the scaling. The discrete samplers of :mod:`edm_toolkit.solvers.discrete` use the
 original forms instead, built on :func:`classifier_log_prob_grad` (``cond_fn`` of ADM's classifier_sample.py):
 
     ancestral (Algorithm 1):  mu' = mu + Sigma * scale * grad_{x_t} log p_phi(y | x_t, t)
@@ -27,30 +28,12 @@ import math
 import torch
 from torch import nn
 
+from .discrete import nearest_index
 from .errors import ConfigError
+from .protocol import DenoiserWrapper
 
-__all__ = ["AutoGuidance", "ClassifierFreeGuidance", "ClassifierGuidance", "GuidedDenoiser", "class_indices", "classifier_log_prob_grad",
-           "grid_alphas_cumprod"]
-
-
-def grid_alphas_cumprod(net) -> torch.Tensor | None:
-    """abar_t (float64, t = 0..T-1) of a model's discrete step grid, or None for a continuous-time model.
-
-    guided-/improved-diffusion models give their own ``alphas_cumprod``; EDM's iDDPM preconditioner its table
-    ``u`` (u_j is the noise level of step t = M - 1 - j, and u_M = 0 is no step); other grid denoisers their
-    increasing ``sigmas``. Noise levels map to the VP grid by abar = 1 / (1 + sigma^2).
-    """
-    abar = getattr(net, "alphas_cumprod", None)
-    if isinstance(abar, torch.Tensor):
-        return abar.detach().to("cpu", torch.float64)
-    u, M = getattr(net, "u", None), getattr(net, "M", None)
-    if isinstance(u, torch.Tensor) and isinstance(M, int):
-        sigmas = u[:M].flip(0)
-    else:
-        sigmas = getattr(net, "sigmas", None)
-        if not isinstance(sigmas, torch.Tensor):
-            return None
-    return 1 / (1 + sigmas.detach().to("cpu", torch.float64) ** 2)
+__all__ = ["AutoGuidance", "ClassifierFreeGuidance", "ClassifierGuidance", "GuidedDenoiser", "class_indices",
+           "classifier_log_prob_grad"]
 
 
 def class_indices(class_labels: torch.Tensor | None, batch: int) -> torch.Tensor:
@@ -76,17 +59,18 @@ def classifier_log_prob_grad(classifier, x_t: torch.Tensor, timesteps: torch.Ten
         return torch.autograd.grad(selected.sum(), x_in)[0]
 
 
-class GuidedDenoiser(nn.Module):
+class GuidedDenoiser(DenoiserWrapper):
     """Base of the guidance wrappers: ``denoiser`` guided with strength ``scale`` where lo <= sigma <= hi.
 
     ``sigma_interval`` (lo, hi), default everywhere, limits guidance to a range of noise levels; at scale 0 or
-    outside the interval a wrapper returns the plain D(x; sigma), bit for bit. Attributes the wrapper does not
-    define itself (sigma_min, sigma_max, round_sigma, img_resolution, ...) are the wrapped denoiser's.
+    outside the interval a wrapper returns the plain D(x; sigma), bit for bit. Subclasses define
+    :meth:`guide`, which turns the wrapped denoiser's D into the guided one; a learned variance v is the wrapped
+    denoiser's, unchanged.
     """
 
     def __init__(self, denoiser: nn.Module, scale: float = 1.0,
                  sigma_interval: tuple[float, float] | None = None):
-        super().__init__()
+        super().__init__(denoiser)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ConfigError(f"guidance scale must be a finite number, got {scale!r}")
         if sigma_interval is not None:
@@ -97,17 +81,8 @@ class GuidedDenoiser(nn.Module):
             if not 0 <= lo <= hi:
                 raise ConfigError(f"sigma_interval needs 0 <= lo <= hi, got ({lo:g}, {hi:g})")
             sigma_interval = (lo, hi)
-        self.denoiser = denoiser
         self.scale = float(scale)
         self.sigma_interval = sigma_interval
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "denoiser":
-                raise
-            return getattr(self.denoiser, name)
 
     def in_interval(self, sigma: torch.Tensor) -> torch.Tensor:
         """Which rows (per-row sigma, float64 [B]) lie inside the guidance interval."""
@@ -122,40 +97,65 @@ class GuidedDenoiser(nn.Module):
             return torch.zeros_like(sigma, dtype=torch.bool)
         return self.in_interval(sigma)
 
+    def guide(self, D, rows, x, sigma, class_labels, **model_kwargs) -> torch.Tensor:
+        """The guided D from the wrapped denoiser's ``D`` where ``rows`` (bool [B], not all False) are active."""
+        raise NotImplementedError
+
+    def check_inputs(self, x, class_labels) -> None:
+        """Validates the inputs of a guided call before any network runs (nothing to check by default)."""
+
+    def forward(self, x, sigma, class_labels=None, **model_kwargs):
+        rows = self._rows(x, sigma)
+        if not bool(rows.any()):
+            return self.denoiser(x, sigma, class_labels, **model_kwargs)
+        self.check_inputs(x, class_labels)
+        D = self.denoiser(x, sigma, class_labels, **model_kwargs)
+        return self.guide(D, rows, x, sigma, class_labels, **model_kwargs)
+
+    def denoise_with_variance(self, x, sigma, class_labels=None, **model_kwargs):
+        rows = self._rows(x, sigma)
+        if bool(rows.any()):
+            self.check_inputs(x, class_labels)
+        D, v = self.denoiser.denoise_with_variance(x, sigma, class_labels, **model_kwargs)
+        if bool(rows.any()):
+            D = self.guide(D, rows, x, sigma, class_labels, **model_kwargs)
+        return D, v
+
+    def _rows(self, x, sigma) -> torch.Tensor:
+        return self.active(torch.as_tensor(sigma, device=x.device).to(torch.float64).reshape(-1).expand(x.shape[0]))
+
 
 class ClassifierGuidance(GuidedDenoiser):
     """D'(x; sigma) = D(x; sigma) + sigma^2 * scale * grad_x log p_phi(y | x / sqrt(1 + sigma^2), t(sigma)).
 
-    ``classifier(x_t, t)`` is a noisy classifier over step indices (ADM's, via ``load_openai_classifier``);
-    t(sigma) is the step nearest to sigma on the denoiser's grid (the classifier's own grid for a continuous
-    denoiser), so both must count the same steps. y is the argmax of the one-hot class labels; for an
-    unconditional denoiser the wrapper has the classifier's classes as ``label_dim`` so that samplers draw them.
+    ``classifier(x_t, t)`` is a noisy classifier over step indices with a ``step_grid`` and ``num_classes``
+    (ADM's, via ``load_openai_classifier``); t(sigma) is the step nearest to sigma on the denoiser's grid (the
+    classifier's own grid for a continuous denoiser), so both must count the same steps. y is the argmax of the
+    one-hot class labels; for an unconditional denoiser the wrapper has the classifier's classes as
+    ``label_dim`` so that samplers draw them.
     """
 
     def __init__(self, denoiser: nn.Module, classifier: nn.Module, scale: float = 1.0,
                  sigma_interval: tuple[float, float] | None = None):
         super().__init__(denoiser, scale, sigma_interval)
         self.classifier = classifier
-        abar = grid_alphas_cumprod(denoiser)
-        if abar is None:
-            abar = grid_alphas_cumprod(classifier)
-        if abar is None:
-            raise ConfigError("classifier guidance needs a step grid: the denoiser is continuous and the "
-                              "classifier has no sigmas")
-        steps = getattr(classifier, "num_timesteps", len(abar))
-        if steps != len(abar):
-            raise ConfigError(f"the classifier counts {steps} steps but the model's grid has {len(abar)}")
-        self.register_buffer("grid_sigmas", ((1 - abar) / abar).sqrt(), persistent=False)
-        num_classes = getattr(classifier, "num_classes", None)
-        label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
-        if label_dim and num_classes and label_dim != num_classes:
-            raise ConfigError(f"the classifier has {num_classes} classes but the denoiser {label_dim}")
-        self.label_dim = label_dim or int(num_classes or 0)
+        grid = denoiser.step_grid if denoiser.step_grid is not None else classifier.step_grid
+        if classifier.step_grid.num_timesteps != grid.num_timesteps:
+            raise ConfigError(f"the classifier counts {classifier.step_grid.num_timesteps} steps but the model's "
+                              f"grid has {grid.num_timesteps}")
+        self.register_buffer("grid_sigmas", grid.sigmas, persistent=False)
+        if denoiser.label_dim and denoiser.label_dim != classifier.num_classes:
+            raise ConfigError(f"the classifier has {classifier.num_classes} classes but the denoiser "
+                              f"{denoiser.label_dim}")
+        self._label_dim = denoiser.label_dim or int(classifier.num_classes)
+
+    @property
+    def label_dim(self) -> int:
+        return self._label_dim
 
     def timestep_of_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         """Index of the grid level nearest to each sigma (int64)."""
-        grid = self.grid_sigmas.to(sigma.device)
-        return (sigma.to(torch.float64).reshape(-1, 1) - grid.reshape(1, -1)).abs().argmin(dim=1)
+        return nearest_index(torch.as_tensor(sigma).reshape(-1), self.grid_sigmas)
 
     def log_prob_grad(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """grad_x log p_phi(y | x; sigma) for EDM's x (per-row sigma [B]), in x's dtype.
@@ -167,29 +167,26 @@ class ClassifierGuidance(GuidedDenoiser):
         grad_t = classifier_log_prob_grad(self.classifier, x_t, self.timestep_of_sigma(sigma), labels)
         return (c * grad_t.to(torch.float64)).to(x.dtype)
 
-    def forward(self, x, sigma, class_labels=None, **model_kwargs):
-        sigmas = torch.as_tensor(sigma, device=x.device).to(torch.float64).reshape(-1).expand(x.shape[0])
-        rows = self.active(sigmas)
-        if not bool(rows.any()):
-            return self.denoiser(x, sigma, class_labels, **model_kwargs)
+    def guide(self, D, rows, x, sigma, class_labels, **model_kwargs):
         labels = class_indices(class_labels, x.shape[0]).to(x.device)
-        D = self.denoiser(x, sigma, class_labels, **model_kwargs)
+        sigmas = torch.as_tensor(sigma, device=x.device).to(torch.float64).reshape(-1).expand(x.shape[0])
         s = sigmas[rows].reshape(-1, *[1] * (x.ndim - 1))
         correction = s**2 * self.scale * self.log_prob_grad(x[rows], sigmas[rows], labels[rows]).to(torch.float64)
         D = D.clone()
         D[rows] = (D[rows].to(torch.float64) + correction).to(D.dtype)
         return D
 
+    def check_inputs(self, x, class_labels) -> None:
+        class_indices(class_labels, x.shape[0])
+
 
 class _TwoModelGuidance(GuidedDenoiser):
     """D_w = D_ref + w (D - D_ref) where the rows are active; w = 1 (or an inactive row) is the plain D.
 
-    Subclasses say what the reference prediction D_ref is. ``network_evaluations(sigma)`` is the honest cost of
-    one call (2 where guidance is active, else 1), which the sampler adds to its NFE count.
+    Subclasses say what the reference prediction D_ref is and what it costs. ``network_evaluations(sigma)`` is
+    the honest cost of one call (the reference's evaluations too where guidance is active), which the sampler
+    adds to its NFE count.
     """
-
-    def __init__(self, denoiser: nn.Module, scale: float = 1.0, sigma_interval: tuple[float, float] | None = None):
-        super().__init__(denoiser, scale, sigma_interval)
 
     def active(self, sigma: torch.Tensor) -> torch.Tensor:
         """Rows inside the interval, unless w = 1 (plain D); w = 0 is a valid weight here (D_ref alone)."""
@@ -198,17 +195,18 @@ class _TwoModelGuidance(GuidedDenoiser):
         return self.in_interval(sigma)
 
     def network_evaluations(self, sigma: float) -> int:
-        return 2 if bool(self.active(torch.tensor([float(sigma)], dtype=torch.float64)).any()) else 1
+        own = self.denoiser.network_evaluations(sigma)
+        if bool(self.active(torch.tensor([float(sigma)], dtype=torch.float64)).any()):
+            return own + self.reference_evaluations(sigma)
+        return own
 
     def reference(self, x, sigma, class_labels, **model_kwargs) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x, sigma, class_labels=None, **model_kwargs):
-        sigmas = torch.as_tensor(sigma, device=x.device).to(torch.float64).reshape(-1).expand(x.shape[0])
-        rows = self.active(sigmas)
-        D = self.denoiser(x, sigma, class_labels, **model_kwargs)
-        if not bool(rows.any()):
-            return D
+    def reference_evaluations(self, sigma: float) -> int:
+        raise NotImplementedError
+
+    def guide(self, D, rows, x, sigma, class_labels, **model_kwargs):
         D_ref = self.reference(x, sigma, class_labels, **model_kwargs)
         guided = (D_ref.to(torch.float64) + self.scale * (D.to(torch.float64) - D_ref.to(torch.float64))).to(D.dtype)
         return torch.where(rows.reshape(-1, *[1] * (x.ndim - 1)), guided, D)
@@ -222,7 +220,7 @@ class ClassifierFreeGuidance(_TwoModelGuidance):
     """
 
     def __init__(self, denoiser: nn.Module, scale: float = 1.0, sigma_interval: tuple[float, float] | None = None):
-        if not int(getattr(denoiser, "label_dim", 0) or 0):
+        if not denoiser.label_dim:
             raise ConfigError("classifier-free guidance needs a class-conditional network (label_dim > 0); "
                               "use autoguidance with a guide network instead")
         super().__init__(denoiser, scale, sigma_interval)
@@ -230,6 +228,9 @@ class ClassifierFreeGuidance(_TwoModelGuidance):
     def reference(self, x, sigma, class_labels, **model_kwargs):
         zeros = torch.zeros(x.shape[0], self.denoiser.label_dim, device=x.device)
         return self.denoiser(x, sigma, zeros, **model_kwargs)
+
+    def reference_evaluations(self, sigma: float) -> int:
+        return self.denoiser.network_evaluations(sigma)
 
 
 class AutoGuidance(_TwoModelGuidance):
@@ -239,14 +240,17 @@ class AutoGuidance(_TwoModelGuidance):
     def __init__(self, denoiser: nn.Module, guide: nn.Module, scale: float = 1.0,
                  sigma_interval: tuple[float, float] | None = None):
         for name in ("img_channels", "img_resolution"):
-            a, b = getattr(denoiser, name, None), getattr(guide, name, None)
-            if a is not None and b is not None and a != b:
+            a, b = getattr(denoiser, name), getattr(guide, name)
+            if a != b:
                 raise ConfigError(f"the guide network's {name} is {b} but the main network's is {a}")
-        if int(getattr(guide, "label_dim", 0) or 0) not in (0, int(getattr(denoiser, "label_dim", 0) or 0)):
+        if guide.label_dim not in (0, denoiser.label_dim):
             raise ConfigError("the guide network's label_dim differs from the main network's")
         super().__init__(denoiser, scale, sigma_interval)
-        self.guide = guide
+        self.guide_network = guide
 
     def reference(self, x, sigma, class_labels, **model_kwargs):
-        labels = class_labels if int(getattr(self.guide, "label_dim", 0) or 0) else None
-        return self.guide(x, sigma, labels, **model_kwargs)
+        labels = class_labels if self.guide_network.label_dim else None
+        return self.guide_network(x, sigma, labels, **model_kwargs)
+
+    def reference_evaluations(self, sigma: float) -> int:
+        return self.guide_network.network_evaluations(sigma)

@@ -15,19 +15,17 @@ import math
 
 import numpy as np
 import torch
-from torch import nn
+
+from .protocol import DenoiserBase
 
 
-class IdealDenoiser(nn.Module):
+class IdealDenoiser(DenoiserBase):
     """D(x; sigma) for the data ``data`` [n, C, H, W] (float64), optionally labelled for class conditioning.
 
     ``labels`` [n] (int) with ``label_dim`` classes makes it conditional: a one-hot ``class_labels`` row restricts
     the mixture to that class (a row of zeros, or None, keeps every point). Follows EDM's denoiser protocol:
     continuous sigma (round_sigma is the identity), sigma range [0, inf).
     """
-
-    sigma_min = 0.0
-    sigma_max = math.inf
 
     def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None, label_dim: int = 0, width: float = 0.0):
         super().__init__()
@@ -43,9 +41,6 @@ class IdealDenoiser(nn.Module):
         self.width = float(width)
         self.img_channels = data.shape[1]
         self.img_resolution = data.shape[-1]
-
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
 
     def config(self) -> dict:
         return {"type": "ideal", "label_dim": self.label_dim, "width": self.width,

@@ -7,22 +7,23 @@ denoiser without changing its protocol, so every sampler drives the result uncha
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+from .protocol import DenoiserWrapper
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_PROTOCOL = ("sigma_min", "sigma_max", "img_resolution", "img_channels", "label_dim")
 
 
 @dataclass(frozen=True)
 class InferenceOptions:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast around the network)
     channels_last: bool = False
-    compile: bool = False  # torch.compile the backbone (or the whole denoiser when it has none)
+    compile: bool = False  # torch.compile the denoiser
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -33,33 +34,39 @@ class InferenceOptions:
         return self == InferenceOptions()
 
 
-class FastDenoiser(nn.Module):
-    """Wraps a denoiser: inputs in channels_last, the network under autocast, float32 output."""
+class FastDenoiser(DenoiserWrapper):
+    """Wraps a denoiser: inputs in channels_last, the network under autocast, float32 output.
+
+    channels_last and compile work on a private copy of the network, so the wrapped denoiser is left as it was.
+    """
 
     def __init__(self, net: nn.Module, options: InferenceOptions):
-        super().__init__()
-        self.net, self.options = net, options
+        if options.channels_last or options.compile:
+            net = copy.deepcopy(net)
+            if options.channels_last:
+                net.to(memory_format=torch.channels_last)
+        super().__init__(net)
+        self.options = options
         self.dtype = PRECISIONS[options.precision]
-        for name in _PROTOCOL:
-            if hasattr(net, name):
-                setattr(self, name, getattr(net, name))
-        if options.channels_last:
-            net.to(memory_format=torch.channels_last)
-        if options.compile:
-            if isinstance(getattr(net, "model", None), nn.Module):
-                net.model = torch.compile(net.model)
-            else:
-                self.net = torch.compile(net)
+        self.compiled = torch.compile(net) if options.compile else None
 
-    def round_sigma(self, sigma, *args, **kwargs):
-        return self.net.round_sigma(sigma, *args, **kwargs) if hasattr(self.net, "round_sigma") else torch.as_tensor(sigma)
-
-    def forward(self, x, sigma, class_labels=None, **kwargs):
+    def _run(self, call, x, sigma, class_labels, **kwargs):
         if self.options.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=x.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            out = self.net(x, sigma, class_labels, **kwargs)
-        return out.to(torch.float32) if out.dtype in (torch.bfloat16, torch.float16) else out
+            out = call(x, sigma, class_labels, **kwargs)
+        return out
+
+    def forward(self, x, sigma, class_labels=None, **kwargs):
+        return _as_float32(self._run(self.compiled or self.denoiser, x, sigma, class_labels, **kwargs))
+
+    def denoise_with_variance(self, x, sigma, class_labels=None, **kwargs):
+        D, v = self._run(self.denoiser.denoise_with_variance, x, sigma, class_labels, **kwargs)
+        return _as_float32(D), _as_float32(v)
+
+
+def _as_float32(out: torch.Tensor) -> torch.Tensor:
+    return out.to(torch.float32) if out.dtype in (torch.bfloat16, torch.float16) else out
 
 
 def optimize(net: nn.Module, options: InferenceOptions | None = None) -> nn.Module:

@@ -18,14 +18,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .discrete import StepGrid, nearest_index
 from .discretizations import iddpm_sigma_table
 from .errors import ConfigError
+from .protocol import DenoiserBase
 from .registry import Registry
+from .schedules import vp_sigma, vp_sigma_inv
 
 PRECONDITIONERS: Registry["Preconditioner"] = Registry("preconditioner")
 
 
-class Preconditioner(nn.Module):
+class Preconditioner(DenoiserBase):
     """Base class: subclasses define the four closed forms and the supported sigma range (Table 1)."""
 
     name: ClassVar[str]
@@ -45,6 +48,7 @@ class Preconditioner(nn.Module):
         self.img_resolution = _attribute(model, "img_resolution", img_resolution)
         self.img_channels = _attribute(model, "in_channels", img_channels, also="img_channels")
         self.label_dim = int(_attribute(model, "label_dim", label_dim) or 0)
+        self.augment_dim = int(_attribute(model, "augment_dim", None) or 0)
         self.use_fp16 = use_fp16
 
     # Closed forms (float32 tensors in, float32 tensors out, shaped like sigma).
@@ -59,13 +63,6 @@ class Preconditioner(nn.Module):
 
     def c_noise(self, sigma: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    sigma_min: float = 0.0
-    sigma_max: float = math.inf
-
-    def round_sigma(self, sigma):
-        """Snaps a noise level to one the network supports; the identity for continuous-time models."""
-        return torch.as_tensor(sigma)
 
     def config(self) -> dict[str, Any]:
         """The preconditioner's own parameters, as plain data (for the toolkit's model files)."""
@@ -107,11 +104,6 @@ def _attribute(model, name, given, also=None):
     return None
 
 
-def _vp_sigma(beta_d: float, beta_min: float, t):
-    t = torch.as_tensor(t)
-    return ((0.5 * beta_d * (t**2) + beta_min * t).exp() - 1).sqrt()
-
-
 class _VariancePreserving(Preconditioner):
     """The variance-preserving parameterization shared by VP and iDDPM (Table 1): the network predicts the noise,
     c_skip = 1, c_out = -sigma, c_in = 1/sqrt(sigma^2 + 1); they differ only in c_noise."""
@@ -136,18 +128,14 @@ class VPPrecond(_VariancePreserving):
         super().__init__(model, **kwargs)
         self.beta_d, self.beta_min, self.M, self.epsilon_t = float(beta_d), float(beta_min), int(M), float(epsilon_t)
         # EDM evaluates the range in float32 from Python floats: sigma(1e-5) is 0.0009765625, not 0.0010000.
-        self.sigma_min = float(_vp_sigma(self.beta_d, self.beta_min, epsilon_t))
-        self.sigma_max = float(_vp_sigma(self.beta_d, self.beta_min, 1))
+        self.sigma_min = float(vp_sigma(torch.tensor(self.epsilon_t), self.beta_d, self.beta_min))
+        self.sigma_max = float(vp_sigma(torch.tensor(1.0), self.beta_d, self.beta_min))
 
     def _params(self):
         return {"beta_d": self.beta_d, "beta_min": self.beta_min, "M": self.M, "epsilon_t": self.epsilon_t}
 
-    def sigma_inv(self, sigma):
-        sigma = torch.as_tensor(sigma)
-        return ((self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt() - self.beta_min) / self.beta_d
-
     def c_noise(self, sigma):
-        return (self.M - 1) * self.sigma_inv(sigma)
+        return (self.M - 1) * vp_sigma_inv(sigma, self.beta_d, self.beta_min)
 
 
 @PRECONDITIONERS.register
@@ -181,7 +169,9 @@ class IDDPMPrecond(_VariancePreserving):
     """iDDPM: c_skip = 1, c_out = -sigma, c_in = 1/sqrt(sigma^2 + 1), c_noise = M - 1 - argmin_j |u_j - sigma|.
 
     The buffer ``u`` (float32, M + 1 entries, u_M = 0) is iDDPM's cosine-schedule noise table; round_sigma snaps
-    to its nearest entry, u_M = 0 included, exactly as EDM does.
+    to its nearest entry, u_M = 0 included, exactly as EDM does. Its step grid (for the original discrete samplers)
+    is u_{M-1} < ... < u_0: step t = M - 1 - j has the level u_j. Only the first img_channels output channels are
+    used (EDM's convention), so it declares no learned variance.
     """
 
     name = "iddpm"
@@ -194,6 +184,7 @@ class IDDPMPrecond(_VariancePreserving):
         self.register_buffer("u", iddpm_sigma_table(self.C_1, self.C_2, self.M, dtype=torch.float32))
         self.sigma_min = float(self.u[self.M - 1])
         self.sigma_max = float(self.u[0])
+        self.step_grid = StepGrid.from_sigmas(self.u[: self.M].flip(0))
 
     def _params(self):
         return {"C_1": self.C_1, "C_2": self.C_2, "M": self.M}
@@ -203,10 +194,8 @@ class IDDPMPrecond(_VariancePreserving):
 
     def round_sigma(self, sigma, return_index=False):
         sigma = torch.as_tensor(sigma)
-        distance = (sigma.to(self.u.device).to(torch.float32).reshape(-1, 1) - self.u.reshape(1, -1)).abs()
-        index = distance.argmin(dim=1)
-        result = index if return_index else self.u[index].to(sigma.dtype)
-        return result.reshape(sigma.shape).to(sigma.device)
+        index = nearest_index(sigma, self.u)
+        return index if return_index else self.u[index.to(self.u.device)].to(sigma.device, sigma.dtype)
 
 
 @PRECONDITIONERS.register

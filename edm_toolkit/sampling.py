@@ -3,8 +3,10 @@
 It generalises EDM's Algorithm 2 (the ``ablation_sampler`` of EDM's generate.py): noise levels from the
 discretization, clamped to the network's range and rounded with ``net.round_sigma``, mapped to times
 t_i = sigma^-1(sigma_i) with t_N = 0; at each step churn raises the noise to t_hat and the solver integrates
-the ODE of Eq. 4 to t_{i+1}. Everything that does not depend on x is computed once, before the loop, so the
-loop itself is only the solver's tensor arithmetic and the network calls. Computation is in float64.
+the ODE of Eq. 4 to t_{i+1}. Solvers that run on the model's own step grid (the original ddpm/ddim samplers)
+choose the noise levels themselves, among the denoiser's ``step_grid``. Everything that does not depend on x is
+computed once, before the loop, so the loop itself is only the solver's tensor arithmetic and the network calls.
+Computation is in float64. The denoiser is used only through its protocol (:mod:`edm_toolkit.protocol`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from .discretizations import DISCRETIZATIONS, Discretization, EDMDiscretization
 from .errors import ConfigError
+from .protocol import check_denoiser
 from .schedules import SCALINGS, SCHEDULES, LinearSchedule, NoiseSchedule, NoScaling, Scaling
 from .solvers import SOLVERS, Heun, Solver
 from .solvers.base import ProbabilityFlowODE, StepContext
@@ -54,7 +57,9 @@ class StepInfo(NamedTuple):
     num_steps: int
     sigma: float  # noise level reached
     nfe: int  # network evaluations so far
-    x: torch.Tensor
+    x: torch.Tensor  # the state after the step (x s(t): the VP space with the vp scaling)
+    sigma_hat: float  # the noise level the step started from (after churn)
+    denoised: torch.Tensor | None  # the step's last prediction of the clean image (EDM's unscaled x)
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class _Step:
     scale_hat: float  # s(t_hat)/s(t_i)
     noise_std: float  # sqrt(sigma_hat^2 - sigma_i^2) s(t_hat) S_noise
     draw_noise: bool
+    sigma_hat: float
     sigma_next: float
 
 
@@ -82,11 +88,12 @@ class Sampler:
     """A composed sampler. Components are given as instances or names (``Sampler(solver="euler")``).
 
     ``sigma_min``/``sigma_max`` of None take the discretization's default range; either way the range is clamped
-    to the network's [sigma_min, sigma_max].
+    to the network's [sigma_min, sigma_max]. ``discretization`` None is EDM's (rho = 7), except for solvers that
+    run on the model's own step grid (ddpm, ddim), which take no discretization and no noise range.
     """
 
     solver: Solver = field(default_factory=Heun)
-    discretization: Discretization = field(default_factory=EDMDiscretization)
+    discretization: Discretization | None = None
     schedule: NoiseSchedule = field(default_factory=LinearSchedule)
     scaling: Scaling = field(default_factory=NoScaling)
     num_steps: int = 18
@@ -95,9 +102,15 @@ class Sampler:
     churn: Churn = field(default_factory=Churn)
 
     def __post_init__(self):
-        for name, registry in (("solver", SOLVERS), ("discretization", DISCRETIZATIONS),
-                               ("schedule", SCHEDULES), ("scaling", SCALINGS)):
+        for name, registry in (("solver", SOLVERS), ("schedule", SCHEDULES), ("scaling", SCALINGS)):
             object.__setattr__(self, name, registry.create(getattr(self, name)))
+        if self.solver.runs_on_model_grid:
+            given = [k for k in ("discretization", "sigma_min", "sigma_max") if getattr(self, k) is not None]
+            if given:
+                raise ConfigError(f"solver {self.solver.name!r} runs on the model's own step grid: {given[0]} does "
+                                  "not apply (choose the steps with num_steps or the solver's respacing)")
+        else:
+            object.__setattr__(self, "discretization", DISCRETIZATIONS.create(self.discretization or EDMDiscretization()))
         if isinstance(self.churn, Mapping):
             object.__setattr__(self, "churn", Churn(**self.churn))
         if self.churn.S_churn > 0 and not self.solver.accepts_churn:
@@ -126,23 +139,35 @@ class Sampler:
         default_min, default_max = self.discretization.default_sigma_range
         lo = default_min if self.sigma_min is None else self.sigma_min
         hi = default_max if self.sigma_max is None else self.sigma_max
-        lo, hi = max(lo, getattr(net, "sigma_min", 0.0)), min(hi, getattr(net, "sigma_max", math.inf))
+        lo, hi = max(lo, net.sigma_min), min(hi, net.sigma_max)
         if not lo < hi:
             raise ConfigError(
                 f"empty noise range: sigma_min {lo:g} >= sigma_max {hi:g} after clamping to the network's "
-                f"range [{getattr(net, 'sigma_min', 0.0):g}, {getattr(net, 'sigma_max', math.inf):g}]"
+                f"range [{net.sigma_min:g}, {net.sigma_max:g}]"
             )
         return lo, hi
 
+    def sigma_steps(self, net) -> tuple[torch.Tensor, float, float]:
+        """The decreasing noise levels sigma_0 > ... > sigma_{N-1} for ``net`` (before rounding), and the range
+        [sigma_min, sigma_max] they were chosen from."""
+        if not self.solver.runs_on_model_grid:
+            lo, hi = self.sigma_range(net)
+            return self.discretization.sigma_steps(self.num_steps, lo, hi), lo, hi
+        if net.step_grid is None:
+            raise ConfigError(f"{type(net).__name__} has no discrete step grid: solver {self.solver.name!r} needs a "
+                              "model trained on T steps (guided-/improved-diffusion, iDDPM); use a continuous solver")
+        steps = self.solver.model_grid_steps(net.step_grid, self.num_steps)
+        return steps, float(steps[-1]), float(steps[0])
+
     def plan(self, net, device: torch.device | str = "cpu") -> Plan:
         """Precomputes the time steps, churn and solver coefficients for ``net`` (EDM Algorithm 2, lines 1-6)."""
-        round_sigma = getattr(net, "round_sigma", torch.as_tensor)
-        lo, hi = self.sigma_range(net)
+        check_denoiser(net)
+        round_sigma = net.round_sigma
+        sigma_steps, lo, hi = self.sigma_steps(net)
         schedule = self.schedule.bind(lo, hi)
-        ode = ProbabilityFlowODE(schedule, self.scaling)
-        N = self.num_steps
+        ode = ProbabilityFlowODE(schedule, self.scaling, net.step_grid)
+        N = len(sigma_steps)
 
-        sigma_steps = self.discretization.sigma_steps(N, lo, hi)
         t_cur = schedule.sigma_inv(_round(round_sigma, sigma_steps))
         t_next = torch.cat([t_cur[1:], torch.zeros(1, dtype=torch.float64)])
         sigma_cur = schedule.sigma(t_cur)
@@ -155,16 +180,16 @@ class Sampler:
 
         records = self.solver.prepare(ode, t_hat, t_next, device)
         steps = [
-            _Step(record, scale, std, i <= last_draw, sig)
-            for i, (record, scale, std, sig) in enumerate(
-                zip(records, (s_hat / s_cur).tolist(), noise_std.tolist(), sigma_cur[1:].tolist() + [0.0])
-            )
+            _Step(record, scale, std, i <= last_draw, hat, sig)
+            for i, (record, scale, std, hat, sig) in enumerate(zip(
+                records, (s_hat / s_cur).tolist(), noise_std.tolist(), sigma_hat.tolist(),
+                sigma_cur[1:].tolist() + [0.0]))
         ]
         t_all = torch.cat([t_cur, torch.zeros(1, dtype=torch.float64)])
         return Plan(
             t_steps=t_all,
             sigma_steps=torch.cat([sigma_cur, torch.zeros(1, dtype=torch.float64)]),
-            x_scale=float(schedule.sigma(t_cur[0]) * ode.s(t_cur[0])),
+            x_scale=float(self.solver.prior_std(float(schedule.sigma(t_cur[0]))) * ode.s(t_cur[0])),
             steps=steps,
             nfe=self.solver.evaluations(N),
         )
@@ -186,14 +211,22 @@ class Sampler:
         """
         plan = plan if plan is not None else self.plan(net, latents.device)
         nfe = 0
-        cost = getattr(net, "network_evaluations", None)  # guidance wrappers evaluate two networks per call
 
         def denoise(x, point):
             nonlocal nfe
-            nfe += 1 if cost is None else cost(point.sigma)
-            return net(x if point.inv_s == 1.0 else x * point.inv_s, point.sigma_net, class_labels).to(torch.float64)
+            nfe += net.network_evaluations(point.sigma)
+            D = net(x if point.inv_s == 1.0 else x * point.inv_s, point.sigma_net, class_labels).to(torch.float64)
+            ctx.denoised = D
+            return D
 
-        ctx = StepContext(denoise, randn_like)
+        def denoise_with_variance(x, point):
+            nonlocal nfe
+            nfe += net.network_evaluations(point.sigma)
+            D, v = net.denoise_with_variance(x * point.inv_s, point.sigma_net, class_labels)
+            ctx.denoised = D.to(torch.float64)
+            return ctx.denoised, v.to(torch.float64)
+
+        ctx = StepContext(denoise, randn_like, denoise_with_variance, class_labels)
         x = latents.to(torch.float64) * plan.x_scale
         for i, step in enumerate(plan.steps):
             if step.draw_noise:
@@ -202,7 +235,7 @@ class Sampler:
                     x = torch.add(x * step.scale_hat, eps, alpha=step.noise_std)
             x = self.solver.step(x, step.record, ctx)
             if callback is not None:
-                callback(StepInfo(i + 1, len(plan.steps), step.sigma_next, nfe, x))
+                callback(StepInfo(i + 1, len(plan.steps), step.sigma_next, nfe, x, step.sigma_hat, ctx.denoised))
         return x
 
 

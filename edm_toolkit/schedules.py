@@ -27,6 +27,25 @@ def _f64(t) -> torch.Tensor:
     return torch.as_tensor(t, dtype=torch.float64)
 
 
+def vp_sigma(t, beta_d: float, beta_min: float) -> torch.Tensor:
+    """sigma(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1) of the VP schedule (EDM Table 1), in t's dtype.
+
+    In float32 it is computed as EDM's preconditioners and losses compute it (exp, then minus 1), for bit parity:
+    sigma(1e-5) is 0.0009765625 there, not 0.0010000. Other dtypes use the accurate expm1.
+    """
+    t = torch.as_tensor(t)
+    exponent = 0.5 * beta_d * t**2 + beta_min * t
+    return (exponent.exp() - 1 if t.dtype == torch.float32 else exponent.expm1()).sqrt()
+
+
+def vp_sigma_inv(sigma, beta_d: float, beta_min: float) -> torch.Tensor:
+    """t(sigma) = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min)/beta_d, the inverse of :func:`vp_sigma`,
+    in sigma's dtype (float32: EDM's log(sigma^2 + 1); otherwise the accurate log1p)."""
+    sigma = torch.as_tensor(sigma)
+    log_term = (sigma**2 + 1).log() if sigma.dtype == torch.float32 else (sigma**2).log1p()
+    return ((beta_min**2 + 2 * beta_d * log_term).sqrt() - beta_min) / beta_d
+
+
 class NoiseSchedule:
     """sigma(t): the noise level at time t (Table 1, "Schedule")."""
 
@@ -81,8 +100,7 @@ class VPSchedule(NoiseSchedule):
         return VPSchedule.fit(sigma_min, sigma_max, self.epsilon_s) if self.fit_to_range else self
 
     def sigma(self, t):
-        t = _f64(t)
-        return torch.expm1(0.5 * self.beta_d * t**2 + self.beta_min * t).sqrt()
+        return vp_sigma(_f64(t), self.beta_d, self.beta_min)
 
     def sigma_deriv(self, t):
         t = _f64(t)
@@ -90,8 +108,7 @@ class VPSchedule(NoiseSchedule):
         return 0.5 * (self.beta_min + self.beta_d * t) * (sigma + 1 / sigma)
 
     def sigma_inv(self, sigma):
-        sigma = _f64(sigma)
-        return ((self.beta_min**2 + 2 * self.beta_d * torch.log1p(sigma**2)).sqrt() - self.beta_min) / self.beta_d
+        return vp_sigma_inv(_f64(sigma), self.beta_d, self.beta_min)
 
 
 @SCHEDULES.register

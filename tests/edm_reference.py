@@ -12,6 +12,8 @@ import math
 import numpy as np
 import torch
 
+from edm_toolkit.protocol import DenoiserBase
+
 
 def reference_sampler(
     net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=None, sigma_max=None,
@@ -87,23 +89,19 @@ def reference_sampler(
     return x
 
 
-class AnalyticDenoiser:
+class AnalyticDenoiser(DenoiserBase):
     """The fixture's float64 stand-in net: D = (s2 x + sigma^2 mu)/(s2 + sigma^2) + c sigma/(1 + sigma^2) tanh(x).
 
     Records the sigma of every call.
     """
 
-    sigma_min = 0.0
-    sigma_max = math.inf
-
     def __init__(self, mu, s2=0.25, c=0.1):
+        super().__init__()
         self.mu, self.s2, self.c = mu.to(torch.float64), float(s2), float(c)
+        self.img_channels, self.img_resolution = mu.shape[1], mu.shape[-1]
         self.sigmas: list[float] = []
 
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
-
-    def __call__(self, x, sigma, class_labels=None):
+    def forward(self, x, sigma, class_labels=None):
         x = x.to(torch.float64)
         sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1, 1)
         self.sigmas.extend(sigma.flatten().tolist())

@@ -63,7 +63,7 @@ def test_discrete_grid_rounds_and_feeds_the_index():
     net = PredictionDenoiser(Recorder(), sigmas=grid, time="index", time_scale=250.0, img_channels=1)
     assert (net.sigma_min, net.sigma_max) == (0.01, 10.0)
     assert float(net.round_sigma(torch.tensor(0.7, dtype=torch.float64))) == 1.0
-    assert net.round_sigma(torch.tensor([0.012, 9.0]), return_index=True).tolist() == [0, 3]
+    assert net.step_grid.index(torch.tensor([0.012, 9.0])).tolist() == [0, 3]
     net(torch.zeros(2, 1, 2, 2), torch.tensor(0.09))
     assert seen[-1].tolist() == [250.0, 250.0]
 
@@ -74,7 +74,7 @@ def test_labels_and_extra_channels():
             return torch.cat([torch.zeros_like(x), torch.ones_like(x)], dim=1) + y.reshape(-1, 1, 1, 1)
 
     net = PredictionDenoiser(Echo(), prediction="x0", sigmas=torch.tensor([0.5, 1.0]), img_channels=1, label_dim=3)
-    D, extra = net(torch.zeros(2, 1, 2, 2), torch.tensor(1.0), torch.eye(3)[[2, 1]], return_extra=True)
+    D, extra = net.denoise_with_variance(torch.zeros(2, 1, 2, 2), torch.tensor(1.0), torch.eye(3)[[2, 1]])
     assert D[:, 0, 0, 0].tolist() == [2.0, 1.0] and extra.shape == (2, 1, 2, 2)
     with pytest.raises(ConfigError, match="class-conditional"):
         net(torch.zeros(2, 1, 2, 2), torch.tensor(1.0))

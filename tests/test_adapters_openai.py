@@ -13,8 +13,8 @@ from edm_toolkit.adapters.openai import (
     is_openai_state_dict,
     load_openai_checkpoint,
     load_openai_classifier,
-    named_beta_schedule,
 )
+from edm_toolkit.discrete import named_beta_schedule
 from edm_toolkit.checkpoints import load_model, save_model
 from edm_toolkit.errors import CheckpointError
 from edm_toolkit.networks.openai_unet import RELEASED_CHECKPOINTS, format_model_flags, released_network
@@ -96,13 +96,13 @@ def test_timestep_conventions():
 
 def test_guided_denoiser_is_x_minus_sigma_eps(legacy, legacy_denoiser):
     den, out = legacy_denoiser, legacy.outputs["out"]
-    assert (den.label_dim, den.img_resolution, den.img_channels, den.num_timesteps) == (FIXTURE_CLASSES, 16, 3, 1000)
-    assert den.learn_sigma and not den.rescale_timesteps and den.model_var_type == "learned_range"
+    assert (den.label_dim, den.img_resolution, den.img_channels, den.step_grid.num_timesteps) == (FIXTURE_CLASSES, 16, 3, 1000)
+    assert den.learned_variance and not den.diffusion.rescale_timesteps and den.diffusion.model_var_type == "learned_range"
     t, y = legacy.inputs["t"], legacy.inputs["y"]
-    sigma = den.sigmas[t]
+    sigma = den.step_grid.sigmas[t]
     x = _to_edm(legacy.inputs["x"], sigma)
     seen = _recorded_timesteps(den)
-    D, extra = den(x, sigma, F.one_hot(y, FIXTURE_CLASSES).float(), return_extra=True)
+    D, extra = den.denoise_with_variance(x, sigma, F.one_hot(y, FIXTURE_CLASSES).float())
     assert torch.equal(seen[-1], t.float())  # the original step index, unscaled
     _assert_D_close(D, x.double() - sigma.reshape(-1, 1, 1, 1) * out[:, :3].double(), sigma, legacy.meta["tolerance"])
     torch.testing.assert_close(extra, out[:, 3:], rtol=1e-4, atol=1e-4)  # learned-variance values v
@@ -114,14 +114,14 @@ def test_improved_rescaled_T4000_matches_p_mean_variance(load_fixture):
     fx = load_fixture("id_unet_rescaled")
     unknowns = "--image_size 16 --num_heads 4 --noise_schedule cosine --diffusion_steps 4000 --rescale_timesteps True"
     den = load_openai_checkpoint(fx.state_dict, codebase="improved", model_flags=unknowns)
-    assert den.num_timesteps == 4000 and den.rescale_timesteps and den.family == "improved-diffusion"
+    assert den.step_grid.num_timesteps == 4000 and den.diffusion.rescale_timesteps and den.family == "improved-diffusion"
     seen = _recorded_timesteps(den)
     x_t, results = fx.inputs["x"], {}
     for run, expected in fx.outputs["p_mean_variance"].items():
         t = expected["timestep_map"][expected["t"]]  # respaced runs still use the original step indices
-        sigma = den.sigmas[t]
+        sigma = den.step_grid.sigmas[t]
         if tuple(t.tolist()) not in results:
-            results[tuple(t.tolist())] = den(_to_edm(x_t, sigma), sigma, return_extra=True)
+            results[tuple(t.tolist())] = den.denoise_with_variance(_to_edm(x_t, sigma), sigma)
             assert torch.equal(seen[-1], expected["network_timesteps"]), run
         D, extra = results[tuple(t.tolist())]
         if fx.meta["runs"][run]["clip_denoised"]:
@@ -224,7 +224,7 @@ def test_superres_by_inference(load_fixture):
     den = load_openai_checkpoint(state_dict, model_flags=LEGACY_UNKNOWNS.replace("--image_size", "--large_size"))
     assert type(den.model).__name__ == "SuperResModel" and den.img_resolution == 16
     t, y, low_res = fx.inputs["t"], fx.inputs["y"], fx.inputs["low_res"]
-    sigma = den.sigmas[t]
+    sigma = den.step_grid.sigmas[t]
     D = den(_to_edm(fx.inputs["x"], sigma), sigma, F.one_hot(y, FIXTURE_CLASSES).float(), low_res=low_res)
     expected = _to_edm(fx.inputs["x"], sigma).double() - sigma.reshape(-1, 1, 1, 1) * fx.outputs["out"][:, :3].double()
     _assert_D_close(D, expected, sigma, fx.meta["tolerance"])
@@ -235,10 +235,10 @@ def test_classifier_with_flags(load_fixture, tmp_path):
     flags = ("--image_size 16 --classifier_width 32 --classifier_depth 1 --classifier_attention_resolutions 16,8 "
              "--classifier_pool attention --num_head_channels 16 --channel_mult 1,2")
     classifier = load_openai_classifier(fx.state_dict, model_flags=flags)
-    assert classifier.num_classes == FIXTURE_CLASSES and not classifier.rescale_timesteps
+    assert classifier.num_classes == FIXTURE_CLASSES and not classifier.diffusion.rescale_timesteps
     logits = classifier(fx.inputs["x"], fx.inputs["t"])
     torch.testing.assert_close(logits, fx.outputs["logits"], rtol=1e-4, atol=1e-4)
-    sigma = classifier.sigmas[fx.inputs["t"]]
+    sigma = classifier.step_grid.sigmas[fx.inputs["t"]]
     torch.testing.assert_close(classifier.edm_logits(_to_edm(fx.inputs["x"], sigma), sigma), fx.outputs["logits"],
                                rtol=1e-4, atol=1e-4)
     with pytest.raises(CheckpointError, match="load_openai_classifier"):
@@ -258,12 +258,12 @@ def test_native_round_trip_is_bit_identical(legacy, legacy_denoiser, tmp_path):
     save_model(legacy_denoiser, tmp_path / "gd.edm")
     restored = load_model(tmp_path / "gd.edm")
     assert isinstance(restored, OpenAIDenoiser) and restored.diffusion == legacy_denoiser.diffusion
-    assert torch.equal(restored.betas, legacy_denoiser.betas) and restored.flags["class_cond"]
+    assert torch.equal(restored.diffusion.betas, legacy_denoiser.diffusion.betas) and restored.flags["class_cond"]
     sigma = torch.tensor([0.05, 1.3, 80.0])
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2
     labels = F.one_hot(torch.tensor([0, 3, 9]), FIXTURE_CLASSES).float()
-    D, extra = legacy_denoiser(x, sigma, labels, return_extra=True)
-    D2, extra2 = restored(x, sigma, labels, return_extra=True)
+    D, extra = legacy_denoiser.denoise_with_variance(x, sigma, labels)
+    D2, extra2 = restored.denoise_with_variance(x, sigma, labels)
     assert torch.equal(D, D2) and torch.equal(extra, extra2) and extra.shape == (3, 3, 16, 16)
 
 

@@ -38,8 +38,8 @@ def gd_files(load_fixture, tmp_path):
 
 
 def test_ddim_and_ddpm_through_the_cli(load_fixture, tmp_path):
-    from edm_toolkit.discrete import DiscreteSampler
     from edm_toolkit.generate import sample_batch
+    from edm_toolkit.sampling import Sampler
     from edm_toolkit.images import to_uint8
     from edm_toolkit.loading import load_denoiser
 
@@ -47,7 +47,8 @@ def test_ddim_and_ddpm_through_the_cli(load_fixture, tmp_path):
     run("generate", "--network", model, "--model-flags", flags, "--outdir", tmp_path / "ddim", "--seeds", "0-2",
         "--solver", "ddim", "--steps", "5", "--solver-opt", "eta=0.5", "--class", "3")
     net = load_denoiser(model, model_flags=flags)
-    expected = to_uint8(sample_batch(net, DiscreteSampler("ddim", "ddim5", eta=0.5), [0, 1, 2], "cpu", class_idx=3))
+    expected = to_uint8(sample_batch(net, Sampler(solver={"name": "ddim", "eta": 0.5}, num_steps=5), [0, 1, 2], "cpu",
+                                     class_idx=3))
     assert all(np.array_equal(a, b) for a, b in zip(images(tmp_path / "ddim", range(3)), expected))
     run("generate", "--network", model, "--model-flags", flags, "--outdir", tmp_path / "ddpm", "--seeds", "0",
         "--solver", "ddpm", "--solver-opt", "respacing='10'")

@@ -5,16 +5,18 @@ The discrete samplers' original guided forms are covered by test_discrete (fixtu
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from edm_toolkit.adapters.openai import load_openai_checkpoint, load_openai_classifier
-from edm_toolkit.discrete import DiscreteSampler
 from edm_toolkit.errors import ConfigError
 from edm_toolkit.guidance import ClassifierGuidance, GuidedDenoiser, classifier_log_prob_grad
 from edm_toolkit.precond import EDMPrecond
 from edm_toolkit.sampling import Sampler
+from edm_toolkit.solvers.discrete import DDIM
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (conftest)
 
@@ -35,7 +37,7 @@ def classifier(load_fixture):
 def case(load_fixture, net):
     """gd_classifier_attention's inputs as EDM's x at the grid levels of its steps, with one-hot labels."""
     fx = load_fixture("gd_classifier_attention")
-    sigma = net.sigmas[fx.inputs["t"]]
+    sigma = net.step_grid.sigmas[fx.inputs["t"]]
     x = fx.inputs["x"].double() * (1 + sigma**2).sqrt().reshape(-1, 1, 1, 1)
     return fx, x, sigma, F.one_hot(fx.inputs["y"], NUM_CLASSES).float()
 
@@ -95,10 +97,9 @@ def test_scale_zero_is_the_plain_denoiser(case, net, classifier):
     sampler, latents = Sampler(solver="euler", num_steps=3), torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(sampler(off, latents, labels[:1]), sampler(net, latents, labels[:1]))
-    discrete = DiscreteSampler("ddim", "ddim2")
-    plain = discrete(net, latents, labels[:1], randn_like=torch.zeros_like)
-    assert torch.equal(discrete(net, latents, labels[:1], randn_like=torch.zeros_like, classifier=classifier,
-                                classifier_scale=0.0), plain)
+    plain = Sampler(solver=DDIM(respacing="ddim2"))(net, latents, labels[:1], randn_like=torch.zeros_like)
+    off_in_ddim = Sampler(solver=DDIM(respacing="ddim2", classifier=classifier, classifier_scale=0.0))
+    assert torch.equal(off_in_ddim(net, latents, labels[:1], randn_like=torch.zeros_like), plain)
 
 
 def test_sigma_interval_switches_guidance_off_outside(case, net, classifier):
@@ -131,8 +132,10 @@ def test_wrapper_is_a_denoiser_for_every_sampler(net, classifier):
 def test_sigma_form_in_ddim_is_adm_eps_form(net, classifier):
     """Without clipping, DDIM through D' equals DDIM with eps' = eps - sqrt(1 - abar) grad (Algorithm 2)."""
     latents, labels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)), torch.eye(10)[[1, 7]]
-    sampler = DiscreteSampler("ddim", "ddim3", clip_denoised=False)
-    eps_form = sampler(net, latents, labels, randn_like=torch.zeros_like, classifier=classifier, classifier_scale=2.0)
+    ddim = DDIM(respacing="ddim3", clip_denoised=False)
+    eps_form = Sampler(solver=dataclasses.replace(ddim, classifier=classifier, classifier_scale=2.0))(
+        net, latents, labels, randn_like=torch.zeros_like)
+    sampler = Sampler(solver=ddim)
     sigma_form = sampler(ClassifierGuidance(net, classifier, scale=2.0), latents, labels, randn_like=torch.zeros_like)
     torch.testing.assert_close(sigma_form, eps_form, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(eps_form, sampler(net, latents, labels, randn_like=torch.zeros_like))
@@ -141,7 +144,7 @@ def test_sigma_form_in_ddim_is_adm_eps_form(net, classifier):
 def test_continuous_denoiser_uses_the_classifier_grid(classifier):
     guided = ClassifierGuidance(EDMPrecond(label_dim=0), classifier)
     assert guided.label_dim == NUM_CLASSES  # the classifier's classes, so that samplers draw labels
-    torch.testing.assert_close(guided.grid_sigmas, classifier.sigmas)
+    torch.testing.assert_close(guided.grid_sigmas, classifier.step_grid.sigmas)
 
 
 @pytest.mark.parametrize("kwargs,match", [

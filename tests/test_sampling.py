@@ -11,6 +11,7 @@ import torch
 from edm_toolkit.errors import ConfigError
 from edm_toolkit.generate import sample_batch
 from edm_toolkit.ideal import IdealDenoiser, solve_pf_ode
+from edm_toolkit.protocol import DenoiserWrapper
 from edm_toolkit.sampling import Churn, Sampler
 
 _gen = torch.Generator().manual_seed(0)
@@ -74,14 +75,14 @@ def test_reference_solution_is_exact_for_a_single_gaussian():
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
 
 
-class Counting:
+class Counting(DenoiserWrapper):
     def __init__(self, net):
-        self.net, self.calls = net, 0
-        self.sigma_min, self.sigma_max, self.round_sigma = net.sigma_min, net.sigma_max, net.round_sigma
+        super().__init__(net)
+        self.calls = 0
 
-    def __call__(self, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         self.calls += 1
-        return self.net(*args, **kwargs)
+        return self.denoiser(*args, **kwargs)
 
 
 @pytest.mark.parametrize("solver,steps,nfe", [("heun", 18, 35), ("heun", 2, 3), ("euler", 18, 18)])
@@ -95,9 +96,9 @@ def test_evaluations_are_counted_honestly(solver, steps, nfe):
 
 def test_sampler_is_float64_and_casts_network_output():
     class Float32Net(Counting):
-        def __call__(self, x, sigma, labels=None):
+        def forward(self, x, sigma, labels=None):
             assert x.dtype == torch.float64 and sigma.dtype == torch.float64 and sigma.ndim == 0
-            return super().__call__(x, sigma).to(torch.float32)
+            return super().forward(x, sigma).to(torch.float32)
 
     out = Sampler(num_steps=4)(Float32Net(NET), LATENTS.float())
     assert out.dtype == torch.float64

@@ -21,7 +21,9 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
+from ..discrete import StepGrid, nearest_index
 from ..errors import ConfigError
+from ..protocol import DenoiserBase
 
 Prediction = Literal["eps", "x0", "v", "score"]
 PREDICTIONS = ("eps", "x0", "v", "score")
@@ -29,7 +31,7 @@ PARAMETERIZATIONS = ("vp", "ve")
 TIME_INPUTS = ("index", "sigma", "log_sigma")
 
 
-class PredictionDenoiser(nn.Module):
+class PredictionDenoiser(DenoiserBase):
     """Wraps ``model(x_in, time, **kwargs)`` into EDM's denoiser protocol.
 
     Args:
@@ -39,11 +41,13 @@ class PredictionDenoiser(nn.Module):
         prediction: what the network outputs ("eps", "x0", "v", "score").
         parameterization: "vp" (input x/sqrt(1 + sigma^2)) or "ve" (input x).
         sigmas: a discrete grid, sigmas[i] the noise level of time index i (increasing); None for continuous.
+            A grid is the denoiser's ``step_grid`` (with ``variance``: the model's own reverse-process variance,
+            'learned' when the network also outputs the variance interpolation v after its prediction).
         time: the network's time input: "index" (grid index, times ``time_scale``), "sigma" or "log_sigma"
             (times ``time_scale``), or a callable sigma -> time input.
         sigma_min, sigma_max: the continuous range (ignored with a grid, whose extremes are used).
-        out_channels: the image channels of the prediction; extra channels (learned variances) are kept in
-            ``last_extra`` only when asked for, via ``forward(..., return_extra=True)``.
+        img_channels: the image channels of the prediction; with a learned variance the network outputs as many
+            more (v), returned by ``denoise_with_variance``.
     """
 
     def __init__(
@@ -61,6 +65,7 @@ class PredictionDenoiser(nn.Module):
         img_channels: int = 3,
         label_dim: int = 0,
         label_arg: str = "y",
+        variance: str = "small",
     ):
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -84,27 +89,20 @@ class PredictionDenoiser(nn.Module):
             sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
             if sigmas.ndim != 1 or len(sigmas) < 1 or not bool((sigmas.diff() > 0).all()):
                 raise ConfigError("sigmas must be a 1-D grid of increasing noise levels")
-            self.register_buffer("sigmas", sigmas, persistent=False)
+            self.step_grid = StepGrid.from_sigmas(sigmas, variance)
+            self.register_buffer("grid_sigmas", sigmas, persistent=False)  # on the network's device, for time_input
             self.sigma_min, self.sigma_max = float(sigmas[0]), float(sigmas[-1])
         else:
-            self.sigmas = None
+            if variance == "learned":
+                raise ConfigError("a learned variance needs a discrete grid: pass sigmas=...")
             self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
-
-    def round_sigma(self, sigma, return_index: bool = False):
-        """Nearest grid level (or its index); the identity for continuous models."""
-        sigma = torch.as_tensor(sigma)
-        if self.sigmas is None:
-            return sigma
-        grid = self.sigmas.to(sigma.device)
-        index = (sigma.to(torch.float64).reshape(-1, 1) - grid.reshape(1, -1)).abs().argmin(dim=1).reshape(sigma.shape)
-        return index if return_index else grid[index].to(sigma.dtype)
 
     def time_input(self, sigma: torch.Tensor) -> torch.Tensor:
         """What the network receives as its time argument for noise level ``sigma`` ([B] float64)."""
         if callable(self.time):
             return self.time(sigma)
         if self.time == "index":
-            return self.round_sigma(sigma, return_index=True).to(torch.float64) * self.time_scale
+            return nearest_index(sigma, self.grid_sigmas).to(torch.float64) * self.time_scale
         if self.time == "sigma":
             return sigma * self.time_scale
         return sigma.log() * self.time_scale
@@ -119,14 +117,19 @@ class PredictionDenoiser(nn.Module):
             return {"class_labels": class_labels.to(device, torch.float32)}
         return {"y": class_labels.argmax(dim=1).to(device)}
 
-    def forward(self, x, sigma, class_labels=None, return_extra: bool = False, **model_kwargs):
+    def forward(self, x, sigma, class_labels=None, **model_kwargs):
+        return self.denoise_with_variance(x, sigma, class_labels, **model_kwargs)[0]
+
+    def denoise_with_variance(self, x, sigma, class_labels=None, **model_kwargs):
+        """(D(x; sigma), v): v is the network's variance output (empty channels without a learned variance)."""
         x = x.to(torch.float32)
         batch = x.shape[0]
         sigma64 = torch.as_tensor(sigma, device=x.device).to(torch.float64).reshape(-1).expand(batch)
         s = sigma64.to(torch.float32).reshape(-1, 1, 1, 1)
         alpha = 1 / (1 + s**2).sqrt() if self.parameterization == "vp" else torch.ones_like(s)
         x_in = x * alpha
-        time = self.time_input(sigma64).to(torch.float32)
+        time = self.time_input(sigma64)
+        time = time.to(torch.float32) if time.is_floating_point() else time  # step indices stay integers
         out = self.model(x_in, time, **self._labels(class_labels, batch, x.device), **model_kwargs).to(torch.float32)
         pred, extra = out[:, : self.img_channels], out[:, self.img_channels:]
         if self.prediction == "x0":
@@ -139,4 +142,4 @@ class PredictionDenoiser(nn.Module):
             D = x + s**2 * pred
         else:  # VP score of x_t: eps = -sigma_t s_t
             D = x - s * (-(s * alpha) * pred)
-        return (D, extra) if return_extra else D
+        return D, extra

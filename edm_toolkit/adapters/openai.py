@@ -25,7 +25,6 @@ model was trained with ``rescale_timesteps``.
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import zipfile
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from ..checkpoints import build_backbone, register_model_type
+from ..discrete import StepGrid, check_schedule, named_beta_schedule, nearest_index
 from ..errors import CheckpointError, ConfigError
 from ..networks.openai_unet import (
     NUM_CLASSES,
@@ -63,12 +63,10 @@ __all__ = [
     "is_openai_state_dict",
     "load_openai_checkpoint",
     "load_openai_classifier",
-    "named_beta_schedule",
 ]
 
 FAMILIES = {"guided": "guided-diffusion", "improved": "improved-diffusion"}
 IMG_CHANNELS = 3  # the original scripts build every network for RGB images
-NOISE_SCHEDULES = ("linear", "cosine")
 
 # Flags that only one code base has: they tell which defaults apply to a flag string.
 _GUIDED_ONLY = frozenset(model_and_diffusion_defaults("guided")) - frozenset(model_and_diffusion_defaults("improved"))
@@ -83,42 +81,6 @@ _CLASSIFIER_EXTENSIONS = ("num_head_channels", "channel_mult")
 
 # ----------------------------------------------------------------------------------------------------------
 # The discrete diffusion
-
-
-def named_beta_schedule(name: str, num_timesteps: int) -> torch.Tensor:
-    """float64 betas of the original ``get_named_beta_schedule``, value for value.
-
-    linear (Ho et al. 2020, stretched to any T): ``linspace(s * 1e-4, s * 0.02, T)`` with s = 1000/T, evaluated
-    as numpy does (start + i * step, last value exactly the end). cosine (Nichol & Dhariwal 2021, Eq. 17):
-    ``beta_i = min(1 - abar((i+1)/T) / abar(i/T), 0.999)`` with ``abar(t) = cos^2((t + 0.008)/1.008 * pi/2)``.
-    """
-    _check_schedule(name, num_timesteps)
-    if name == "linear":
-        scale = 1000 / num_timesteps
-        start, end = scale * 0.0001, scale * 0.02
-        if num_timesteps == 1:
-            return torch.tensor([start], dtype=torch.float64, device="cpu")
-        step = (end - start) / (num_timesteps - 1)
-        betas = torch.arange(num_timesteps, dtype=torch.float64, device="cpu") * step + start
-        betas[-1] = end
-        return betas
-
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    T = num_timesteps
-    return torch.tensor(
-        [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)],
-        dtype=torch.float64,
-        device="cpu",
-    )
-
-
-def _check_schedule(name: str, num_timesteps: int) -> None:
-    if name not in NOISE_SCHEDULES:
-        raise ConfigError(f"unknown noise schedule {name!r}; choose one of: {', '.join(NOISE_SCHEDULES)}")
-    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
-        raise ConfigError(f"diffusion_steps must be a positive integer, got {num_timesteps!r}")
 
 
 @dataclass(frozen=True)
@@ -140,7 +102,7 @@ class OpenAIDiffusion:
     rescale_timesteps: bool = False
 
     def __post_init__(self):
-        _check_schedule(self.noise_schedule, self.diffusion_steps)
+        check_schedule(self.noise_schedule, self.diffusion_steps)
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any]) -> "OpenAIDiffusion":
@@ -174,6 +136,11 @@ class OpenAIDiffusion:
             return "learned_range"
         return "fixed_small" if self.sigma_small else "fixed_large"
 
+    @property
+    def variance(self) -> str:
+        """The step grid's variance: 'learned', 'small' or 'large' (:class:`~edm_toolkit.discrete.StepGrid`)."""
+        return {"learned_range": "learned", "fixed_small": "small", "fixed_large": "large"}[self.model_var_type]
+
     def scale_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """What the network receives for step indices ``t``: t, or float32 t * 1000/T with rescale_timesteps."""
         t = torch.as_tensor(t)
@@ -187,13 +154,11 @@ class OpenAIDiffusion:
 class OpenAIDenoiser(PredictionDenoiser):
     """An ADM network (``UNetModel`` or ``SuperResModel``) with its own diffusion, as an EDM denoiser.
 
-    ``forward(x, sigma, class_labels=None, return_extra=False, **model_kwargs)`` is D(x; sigma) (see the module
-    docstring); ``model_kwargs`` go to the network (``low_res=`` for the upsampler). With ``learn_sigma`` the
-    variance channels v come back through ``return_extra=True``.
-
-    For the original discrete samplers: ``betas``, ``alphas_cumprod`` (float64), ``num_timesteps``,
-    ``learn_sigma``, ``model_var_type``, ``predict_xstart``, ``rescale_timesteps`` and
-    :meth:`model_output`, which calls the network exactly as the original ``p_mean_variance`` does.
+    ``forward(x, sigma, class_labels=None, **model_kwargs)`` is D(x; sigma) (see the module docstring);
+    ``model_kwargs`` go to the network (``low_res=`` for the upsampler). Its ``step_grid`` is the diffusion's
+    (with the variance the original chose); with ``learn_sigma`` the variance channels v come back from
+    ``denoise_with_variance``. :meth:`model_output` calls the network exactly as the original
+    ``p_mean_variance`` does.
     """
 
     def __init__(self, model: nn.Module, diffusion: OpenAIDiffusion, *, codebase: str = "guided",
@@ -214,22 +179,16 @@ class OpenAIDenoiser(PredictionDenoiser):
             img_channels=out_channels // factor,
             label_dim=model.num_classes or 0,
             label_arg="y",
+            variance=diffusion.variance,
         )
         self.diffusion = diffusion
         self.codebase = codebase
         self.family = FAMILIES[codebase]
         self.flags = dict(flags or {})
-        self.betas = diffusion.betas
-        self.alphas_cumprod = diffusion.alphas_cumprod
-        self.num_timesteps = diffusion.num_timesteps
-        self.learn_sigma = diffusion.learn_sigma
-        self.predict_xstart = diffusion.predict_xstart
-        self.rescale_timesteps = diffusion.rescale_timesteps
-        self.model_var_type = diffusion.model_var_type
 
     def time_input(self, sigma: torch.Tensor) -> torch.Tensor:
         """The original's timestep for the grid level nearest to ``sigma``."""
-        return self.diffusion.scale_timesteps(self.round_sigma(sigma, return_index=True))
+        return self.diffusion.scale_timesteps(nearest_index(sigma, self.grid_sigmas))
 
     def model_output(self, x_t: torch.Tensor, t_index: torch.Tensor, y: torch.Tensor | None = None,
                      **model_kwargs) -> torch.Tensor:
@@ -243,7 +202,8 @@ class OpenAIClassifier(nn.Module):
 
     ``forward(x_t, timesteps)`` gives logits for x_t at step indices ``timesteps``, fed to the network as the
     original does (``classifier_sample.py``: the same, possibly rescaled, timestep as the diffusion model).
-    :meth:`edm_logits` takes EDM's x and sigma instead.
+    :meth:`edm_logits` takes EDM's x and sigma instead. ``step_grid`` is its diffusion's grid and ``num_classes``
+    its number of classes (the noisy-classifier protocol that classifier guidance uses).
     """
 
     def __init__(self, model: EncoderUNetModel, diffusion: OpenAIDiffusion, *,
@@ -255,17 +215,15 @@ class OpenAIClassifier(nn.Module):
         self.family = FAMILIES["guided"]
         self.num_classes = model.out_channels
         self.img_resolution = model.image_size
-        self.num_timesteps = diffusion.num_timesteps
-        self.rescale_timesteps = diffusion.rescale_timesteps
-        self.register_buffer("sigmas", diffusion.sigmas, persistent=False)
+        self.step_grid = StepGrid(diffusion.alphas_cumprod)
+        self.register_buffer("grid_sigmas", diffusion.sigmas, persistent=False)  # on the network's device
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.model(x_t, self.diffusion.scale_timesteps(torch.as_tensor(timesteps, device=x_t.device)))
 
     def timestep_of_sigma(self, sigma) -> torch.Tensor:
         """Index of the grid level nearest to ``sigma`` (int64, sigma's shape)."""
-        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=self.sigmas.device)
-        return (sigma.reshape(-1, 1) - self.sigmas.reshape(1, -1)).abs().argmin(dim=1).reshape(sigma.shape)
+        return nearest_index(torch.as_tensor(sigma, dtype=torch.float64), self.grid_sigmas)
 
     def edm_logits(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """Logits for EDM's x = x_0 + sigma n: the network sees x/sqrt(1 + sigma^2) at the nearest step."""
@@ -679,7 +637,7 @@ def inspect_openai_checkpoint(path_or_state_dict, *, model_flags: str | Mapping[
     learn_sigma = res.kind != "classifier" and diffusion.learn_sigma
     notes = list(res.notes)
     if learn_sigma:
-        notes.append("learned variances: channels 3-5 (v) via forward(..., return_extra=True)")
+        notes.append("learned variances: channels 3-5 (v) via denoise_with_variance")
     return {
         "family": FAMILIES[res.codebase],
         "architecture": type(model).__name__,

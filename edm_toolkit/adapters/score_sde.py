@@ -47,6 +47,8 @@ from torch import nn
 from ..checkpoints import build_backbone, register_model_type
 from ..errors import CheckpointError, ConfigError
 from ..networks.registry import network_config
+from ..protocol import DenoiserBase
+from ..schedules import vp_sigma, vp_sigma_inv
 from ..networks.score_sde import PUBLISHED_CONFIGS, NCSNpp, NCSNppConfig, published_config
 from ..networks.score_sde_checkpoint import (
     ema_parameter_names,
@@ -76,17 +78,6 @@ PathOrCheckpoint = Union[str, os.PathLike, Mapping]
 # The denoiser
 
 
-def _vp_sigma(t: torch.Tensor, beta_min: float, beta_max: float) -> torch.Tensor:
-    """Song's VP noise level as EDM's sigma: std/mean = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
-    return torch.expm1(0.5 * (beta_max - beta_min) * t**2 + beta_min * t).sqrt()
-
-
-def _vp_time(sigma: torch.Tensor, beta_min: float, beta_max: float) -> torch.Tensor:
-    """The inverse of :func:`_vp_sigma` (EDM Table 1's sigma^-1 for the VP schedule)."""
-    beta_d = beta_max - beta_min
-    return ((beta_min**2 + 2 * beta_d * torch.log1p(sigma**2)).sqrt() - beta_min) / beta_d
-
-
 def _data_map(centered: bool) -> tuple[float, float]:
     """(a, b) with Song's data y = a x + b for EDM's x in [-1, 1]: identity if centred, else onto [0, 1]."""
     return (1.0, 0.0) if centered else (0.5, 0.5)
@@ -97,11 +88,11 @@ def _song_sigma_range(sde: str, ve_range: tuple[float, float], beta_min: float |
     """The trained noise levels in Song's units: the VE SDE's [sigma_min, sigma_max], or sigma_vp([epsilon_t, 1])."""
     if sde == "ve":
         return float(ve_range[0]), float(ve_range[1])
-    low, high = _vp_sigma(torch.tensor([epsilon_t, 1.0], dtype=torch.float64), beta_min, beta_max).tolist()
+    low, high = vp_sigma(torch.tensor([epsilon_t, 1.0], dtype=torch.float64), beta_max - beta_min, beta_min).tolist()
     return low, high
 
 
-class ScoreSDEDenoiser(nn.Module):
+class ScoreSDEDenoiser(DenoiserBase):
     """A score_sde ``NCSNpp`` (VP or VE, continuous time) behind EDM's denoiser protocol.
 
     ``D = net(x, sigma)`` with ``x = x0 + sigma n`` in EDM's units (data in [-1, 1]); the network receives
@@ -145,10 +136,6 @@ class ScoreSDEDenoiser(nn.Module):
         cfg = self.network.config
         return _architecture(cfg.fir, cfg.progressive_input, self.sde, self.config_name)
 
-    def round_sigma(self, sigma):
-        """The identity: continuous-time models accept any noise level."""
-        return torch.as_tensor(sigma)
-
     def network_input(self, x: torch.Tensor, sigma) -> tuple[torch.Tensor, torch.Tensor]:
         """(image, label) that the original network receives for EDM's ``x`` [B, C, H, W] at noise level ``sigma``."""
         x = x.to(torch.float32)
@@ -157,10 +144,10 @@ class ScoreSDEDenoiser(nn.Module):
         if self.sde == "ve":
             return y, song_sigma.to(torch.float32)
         alpha = (1 / (1 + song_sigma**2).sqrt()).to(torch.float32).reshape(-1, 1, 1, 1)
-        label = VP_LABEL_SCALE * _vp_time(song_sigma, self.beta_min, self.beta_max)
+        label = VP_LABEL_SCALE * vp_sigma_inv(song_sigma, self.beta_max - self.beta_min, self.beta_min)
         return y * alpha, label.to(torch.float32)
 
-    def forward(self, x: torch.Tensor, sigma, class_labels=None, force_fp32: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, class_labels=None, force_fp32: bool = False, **unused) -> torch.Tensor:
         """Float32 D(x; sigma). The network is unconditional (``class_labels`` is ignored, label_dim is 0) and
         always runs in float32 (``force_fp32`` is accepted for EDM's signature)."""
         x = x.to(torch.float32)

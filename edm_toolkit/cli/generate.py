@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import re
 
 import click
@@ -11,6 +11,7 @@ from ..discretizations import DISCRETIZATIONS
 from ..errors import EDMToolkitError
 from ..schedules import SCALINGS, SCHEDULES
 from ..solvers import SOLVERS
+from ..solvers.base import solver_options
 from .files import source_options
 
 
@@ -44,11 +45,8 @@ class _Seeds(click.ParamType):
             self.fail(exc.message, param, ctx)
 
 
-DISCRETE_METHODS = ("ddpm", "ddim")  # the original samplers on a model's own grid (edm_toolkit.discrete)
-
-
-def _choice(registry, extra=()):
-    return click.Choice(registry.names() + list(extra))
+def _choice(registry):
+    return click.Choice(registry.names())
 
 
 def _interval(text):
@@ -90,7 +88,7 @@ def _interval(text):
               help="Stoch. max noise level  [default: inf]")
 @click.option("--S_noise", "S_noise", type=click.FloatRange(min=0), default=None, metavar="FLOAT",
               help="Stoch. noise inflation  [default: 1]")
-@click.option("--solver", type=_choice(SOLVERS, DISCRETE_METHODS), default=None,
+@click.option("--solver", type=_choice(SOLVERS), default=None,
               help="Solver (see 'edm solvers'); ddpm/ddim are the original samplers on the model's own grid  "
                    "[default: the preset's]")
 @click.option("--solver-opt", "solver_opts", multiple=True, metavar="KEY=VALUE",
@@ -157,9 +155,8 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
         check_class(net, class_idx)
         plan = sampler.plan(net, device)  # fail now on an impossible combination, not after loading every rank
         if group.rank == 0:
-            solver = getattr(getattr(sampler, "sampler", sampler), "solver", None)
-            at_least = "" if getattr(solver, "fixed_cost", True) else "at least "
-            click.echo(f"Generating {len(seeds)} images to {str(outdir)!r} ({_describe(sampler)}, "
+            at_least = "" if sampler.solver.fixed_cost else "at least "
+            click.echo(f"Generating {len(seeds)} images to {str(outdir)!r} ({_describe(sampler, plan)}, "
                        f"{at_least}{plan.nfe} denoiser calls per image, {device})", err=True)
         generate_images(net, sampler, seeds, outdir, max_batch_size=max_batch_size, class_idx=class_idx,
                         subdirs=subdirs, device=device, group=group, plan=plan)
@@ -185,8 +182,11 @@ def _check_guidance_options(guidance, guide_network, classifier_path, classifier
 
 def _with_guidance(net, sampler, device, guidance, guide_network, classifier_path, classifier_scale,
                    classifier_flags, interval):
-    """The denoiser (and sampler) with the requested guidance."""
-    from ..discrete import DiscreteSampler
+    """The denoiser (and sampler) with the requested guidance.
+
+    A classifier goes to a solver that takes one as an option (ddpm/ddim: the original guided forms), and
+    otherwise wraps the denoiser (the sigma form, for every other solver).
+    """
     from ..guidance import AutoGuidance, ClassifierFreeGuidance, ClassifierGuidance
 
     if guidance is not None:
@@ -200,32 +200,25 @@ def _with_guidance(net, sampler, device, guidance, guide_network, classifier_pat
     from ..adapters.openai import load_openai_classifier
 
     classifier = load_openai_classifier(classifier_path, model_flags=classifier_flags).to(device)
-    if isinstance(sampler, DiscreteSampler):  # the original forms: mean shift (ddpm) and eps form (ddim)
+    if "classifier" in _option_names(sampler.solver):
         if interval is not None:
-            raise click.UsageError("--guidance-interval applies to the continuous solvers, not to ddpm/ddim")
-        return net, _WithClassifier(sampler, classifier, classifier_scale)
+            raise click.UsageError(f"--guidance-interval applies to the continuous solvers, not to --solver "
+                                   f"{sampler.solver.name}")
+        return net, sampler.replace(solver=dataclasses.replace(sampler.solver, classifier=classifier,
+                                                               classifier_scale=classifier_scale))
     return ClassifierGuidance(net, classifier, classifier_scale, interval), sampler
 
 
-class _WithClassifier:
-    """A discrete sampler with its classifier bound, usable wherever a sampler is."""
-
-    def __init__(self, sampler, classifier, scale):
-        self.sampler, self.classifier, self.scale = sampler, classifier, scale
-
-    def plan(self, net, device=None):
-        return self.sampler.plan(net, device)
-
-    def __call__(self, *args, **kwargs):
-        return self.sampler(*args, classifier=self.classifier, classifier_scale=self.scale, **kwargs)
+def _option_names(solver) -> set[str]:
+    return {f.name for f in dataclasses.fields(solver) if f.init}
 
 
-def _describe(sampler) -> str:
-    inner = getattr(sampler, "sampler", sampler)
-    if hasattr(inner, "solver"):
-        return (f"{inner.num_steps} steps, {inner.solver.name}/{inner.discretization.name}/"
-                f"{inner.schedule.name}/{inner.scaling.name}")
-    return f"{inner.method}, respacing {inner.respacing or 'none'}"
+def _describe(sampler, plan) -> str:
+    solver = sampler.solver
+    if solver.runs_on_model_grid:
+        return f"{solver.name}, {len(plan.steps)} steps on the model's own grid"
+    return (f"{len(plan.steps)} steps, {solver.name}/{sampler.discretization.name}/"
+            f"{sampler.schedule.name}/{sampler.scaling.name}")
 
 
 def _resolve_device(name):
@@ -267,32 +260,24 @@ def _solver_options(pairs) -> dict:
     return options
 
 
-def _discrete_sampler(method, options, solver_opts):
-    """ddpm/ddim on the model's own grid; --steps N means respacing "ddimN" (ddim) or "N" (ddpm)."""
-    from ..discrete import DiscreteSampler
-
-    given = {k: v for k, v in options.items() if v is not None and k not in ("solver", "num_steps")}
-    if given:
-        flag = "--" + {"discretization": "disc"}.get(next(iter(given)), next(iter(given)))
-        raise click.UsageError(f"{flag} does not apply to --solver {method}, which runs on the model's own grid; "
-                               "drop it, or set the grid with --steps or --solver-opt respacing=...")
-    extra = _solver_options(solver_opts)
-    if "respacing" not in extra and options.get("num_steps") is not None:
-        extra["respacing"] = f"ddim{options['num_steps']}" if method == "ddim" else str(options["num_steps"])
-    return DiscreteSampler(method=method, **extra)
-
-
 def _sampler_from_options(preset_name, options, solver_opts=()):
     """The preset's sampler with the given command-line options replacing its values."""
     from ..presets import load_preset
 
-    if options.get("solver") in DISCRETE_METHODS:
-        return _discrete_sampler(options["solver"], options, solver_opts)
     sampler = load_preset(preset_name).sampling
     given = {k: v for k, v in options.items() if v is not None}
     changes = {k: given[k] for k in ("num_steps", "sigma_min", "sigma_max") if k in given}
+    solver = SOLVERS.create(given.get("solver", sampler.solver))
+    if solver.runs_on_model_grid:
+        misplaced = [k for k in ("discretization", "sigma_min", "sigma_max", "rho") if k in given]
+        if misplaced:
+            flag = "--" + {"discretization": "disc"}.get(misplaced[0], misplaced[0])
+            raise click.UsageError(f"{flag} does not apply to --solver {solver.name}, which runs on the model's own "
+                                   "grid; drop it, or set the grid with --steps or --solver-opt respacing=...")
+        changes.update(discretization=None, sigma_min=None, sigma_max=None)  # the preset's do not apply either
     for key in ("solver", "discretization", "schedule", "scaling"):
-        if key in given and given[key] != getattr(sampler, key).name:
+        current = getattr(sampler, key)
+        if key in given and (current is None or given[key] != current.name):
             changes[key] = given[key]  # a new component with its default parameters
     churn = {k: given[k] for k in ("S_churn", "S_min", "S_max", "S_noise") if k in given}
     if churn:
@@ -300,6 +285,11 @@ def _sampler_from_options(preset_name, options, solver_opts=()):
     sampler = sampler.replace(**changes)
     extra = _solver_options(solver_opts)
     if extra:
+        allowed = solver_options(sampler.solver)
+        unknown = [k for k in extra if k not in allowed]
+        if unknown:
+            raise click.BadParameter(f"{unknown[0]!r} is not an option of solver {sampler.solver.name!r}; its options: "
+                                     f"{', '.join(allowed) or '(none)'}", param_hint="'--solver-opt'")
         sampler = sampler.replace(solver=SOLVERS.create({"name": sampler.solver.name, **extra}))
     if "rho" in given:
         if sampler.discretization.name != "edm":

@@ -1,10 +1,9 @@
 """edm solvers: the registered solvers with their order, cost and options."""
 
-import dataclasses
-
 import click
 
 from ..solvers import SOLVERS
+from ..solvers.base import solver_options
 
 
 def nfe_formula(solver) -> str:
@@ -22,20 +21,11 @@ def solvers():
     rows = []
     for name in SOLVERS.names():
         solver = SOLVERS.create(name)
-        options = ", ".join(f"{f.name}={getattr(solver, f.name)!r}" for f in dataclasses.fields(solver) if f.init)
+        options = ", ".join(f"{name}={getattr(solver, name)!r}" for name in solver_options(solver))
         summary = (type(solver).__doc__ or "").strip().splitlines()[0].split(": ")[0].rstrip(".,:")
         summary = summary if len(summary) <= 70 else summary[:67] + "..."
         cost = nfe_formula(solver) if solver.fixed_cost else f"adaptive (>= {nfe_formula(solver)})"
         rows.append((name, str(getattr(solver, "order", "?")), cost, options or "-", summary))
-    from ..discrete import DiscreteSampler
-
-    for method in ("ddpm", "ddim"):
-        sampler = DiscreteSampler(method=method)
-        options = ", ".join(f"{f.name}={getattr(sampler, f.name)!r}" for f in dataclasses.fields(sampler)
-                            if f.init and f.name != "method" and not (method == "ddpm" and f.name == "eta")
-                            and not (method == "ddim" and f.name == "variance"))
-        what = "ancestral sampling (Ho et al. 2020; iDDPM variance)" if method == "ddpm" else "DDIM (Song et al. 2021)"
-        rows.append((method, "1", "steps", options, f"{what} on the model's own grid"))
     widths = [max(len(r[i]) for r in rows + [("name", "order", "NFE", "options", "")]) for i in range(4)]
     click.echo(f"{'name':{widths[0]}}  {'order':{widths[1]}}  {'NFE':{widths[2]}}  {'options':{widths[3]}}  description")
     for row in rows:
