@@ -2,6 +2,8 @@
 
 import functools
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -321,6 +323,31 @@ def test_error_no_longer_jumps_at_the_old_threshold():
     for spec in (unipc, {"name": "dpmpp_2m"}, {"name": "dpmpp_3m"}):
         for rule in ("reference", "always", "never"):
             assert error(spec, rule, 16) < 0.95 * error(spec, rule, 15), (spec, rule)
+
+
+def test_docs_example_runs():
+    """The Python example of docs/solvers.md (it asserts the eta = 0 equality itself)."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "solvers.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs/solvers.md", "exec"), {})
+
+
+def test_edm_solvers_lists_each_rule():
+    from click.testing import CliRunner
+
+    from edm_toolkit.cli.solvers import solvers
+
+    result = CliRunner().invoke(solvers, [])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.output.splitlines() if line.strip()}
+    for name in ("dpmpp", "dpmpp_2m", "dpmpp_3m"):
+        assert "lower_order_final='reference' [N <= 10 (DPM-Solver)]" in rows[name]
+    assert "lower_order_final='reference' [always (UniPC)]" in rows["unipc"]
+    for name in ("dpmpp_2m_sde", "dpmpp_3m_sde"):
+        assert "lower_order_final='reference' [never (k-diffusion)]" in rows[name]
+    assert "third_order='reference'" in rows["dpmpp_3m"] and "lower_order_final" not in rows["lms"]
 
 
 @pytest.mark.parametrize("tol", [1e-5, 1e-8])

@@ -368,9 +368,10 @@ class DPMSolverPPFamily(ExponentialMultistep):
 @SOLVERS.register
 @dataclass(frozen=True)
 class DPMSolverPP(DPMSolverPPFamily):
-    """DPM-Solver++ of order ``order`` (1: DDIM, 2: dpmpp_2m, 3: dpmpp_3m; see those for the options).
+    """DPM-Solver++(kM) of order k (1 DDIM, 2 dpmpp_2m, 3 dpmpp_3m).
 
-    Warm-up with lower orders; N steps, N NFE, the final step to 0 returns D.
+    See dpmpp_2m and dpmpp_3m for the options. Warm-up with lower orders; N steps, N NFE, the final step to 0
+    returns D.
     """
 
     name: ClassVar[str] = "dpmpp"
@@ -401,7 +402,8 @@ class DPMSolverPP2M(DPMSolverPPFamily):
 @SOLVERS.register
 @dataclass(frozen=True)
 class DPMSolverPP3M(DPMSolverPPFamily):
-    """DPM-Solver++(3M), the third-order multistep update of DPM-Solver's code (and of diffusers' scheduler):
+    """DPM-Solver++(3M), the third-order multistep update of DPM-Solver's code and diffusers' scheduler.
+
     y_{i+1} = (sigma_{i+1}/sigma_i) y_i + phi_1 D_i + phi_2 D1 - c2 phi_3 D2 (see ``dpmpp_weights``).
 
     ``third_order`` "reference" (c2 = 1, as DPM-Solver, k-diffusion and diffusers) is globally second order: it
