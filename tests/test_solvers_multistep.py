@@ -2,6 +2,8 @@
 
 import functools
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,8 @@ from edm_toolkit.ideal import IdealDenoiser, solve_pf_ode
 from edm_toolkit.precond import IDDPMPrecond, VPPrecond
 from edm_toolkit.sampling import Churn, Sampler
 from edm_toolkit.solvers import SOLVERS
-from edm_toolkit.solvers.multistep import exponential_weights, integrate_basis, step_orders
+from edm_toolkit.solvers.multistep import (dpmpp_weights, exponential_weights, integrate_basis, phi_functions,
+                                           step_orders)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (conftest)
 
@@ -67,11 +70,15 @@ VP_FULL = dict(discretization="vp", schedule="vp", scaling="vp")
 LOW, HIGH = [16, 32, 64], [32, 64, 128]  # higher orders need more steps to leave the pre-asymptotic range
 ORDER_CASES = [  # (solver, global order, N, settings)
     ({"name": "dpmpp", "order": 2}, 2, LOW, list(SETTINGS)),
-    ({"name": "dpmpp", "order": 3}, 3, HIGH, list(SETTINGS)),
+    # The exact 3M weighting, with full order up to sigma_min (the default 'reference' weighting is second order:
+    # test_dpmpp_3m_weightings_measured_orders).
+    ({"name": "dpmpp", "order": 3, "third_order": "exact", "lower_order_final": "never"}, 3, HIGH, list(SETTINGS)),
     ({"name": "unipc", "order": 1}, 2, LOW, list(SETTINGS)),  # UniC raises the order by one
     ({"name": "unipc", "order": 2}, 3, LOW, list(SETTINGS)),
     ({"name": "unipc", "order": 2, "variant": "bh1"}, 3, HIGH, list(SETTINGS)),
-    ({"name": "unipc", "order": 3}, 4, HIGH, list(SETTINGS)),
+    # Full order up to sigma_min: UniPC's own rule lowers the last steps at every N, which leaves a first-order
+    # last step to sigma_min whose small error shows at high N on the ve grid.
+    ({"name": "unipc", "order": 3, "lower_order_final": "never"}, 4, HIGH, list(SETTINGS)),
     ({"name": "ipndm", "order": 4}, 2, LOW, list(SETTINGS)),  # fixed coefficients on non-uniform grids
     ({"name": "lms", "order": 3}, 3, HIGH, list(SETTINGS) + ["vp_full"]),
     ({"name": "lms", "order": 4}, 4, HIGH, list(SETTINGS)),
@@ -112,6 +119,10 @@ def test_coefficients_match_the_published_formulas():
         u, w = np.polynomial.legendre.leggauss(40)
         u, w = 0.5 * h * (u + 1), 0.5 * h * w
         assert value == pytest.approx(np.sum(w * np.exp(u - h) * np.polynomial.polynomial.polyval(u, poly)), rel=1e-13)
+    # DPM-Solver++(2M) is also UniPC-bh2's two-node rule, and the exact 3M weighting the exact integral above.
+    for nodes in ([0.0, -r * h], [0.0, -0.6 * h, -1.5 * h]):
+        np.testing.assert_allclose(dpmpp_weights(nodes, h, third_order="exact"), exponential_weights(nodes, h, phi),
+                                   rtol=1e-13)
     # Adams-Bashforth (iPNDM) coefficients.
     np.testing.assert_allclose(integrate_basis([0, -1, -2, -3], 0, 1), np.array([55, -59, 37, -9]) / 24, rtol=1e-13)
     np.testing.assert_allclose(integrate_basis([0, -1, -2], 0, 1), np.array([23, -16, 5]) / 12, rtol=1e-13)
@@ -119,16 +130,18 @@ def test_coefficients_match_the_published_formulas():
 
 def test_lower_order_warm_up_and_final_steps():
     assert step_orders([0] * 6, 3) == [1, 2, 3, 3, 3, 3]
-    # DPM-Solver's rule below 15 steps to sigma_min (the final step to 0 is the solver's own business).
-    assert step_orders([0] * 6, 3, lower_order_final=True)[:-1] == [1, 2, 3, 2, 1]
-    assert step_orders([0] * 20, 3, lower_order_final=True)[-3:] == [3, 3, 3]
+    # DPM-Solver's rule below 10 steps to sigma_min (the final step to 0 is the solver's own business).
+    assert step_orders([0] * 6, 3, final_below=10)[:-1] == [1, 2, 3, 2, 1]
+    assert step_orders([0] * 20, 3, final_below=10)[-3:] == [3, 3, 3]
     assert step_orders([0, 0, 2, 2, 2], 3) == [1, 2, 1, 2, 3]  # churn at step 2 restarts the warm-up
 
 
 SOLVER_SPECS = [
-    "dpmpp", {"name": "dpmpp", "order": 2, "lower_order_final": False}, {"name": "dpmpp", "order": 1},
+    "dpmpp", {"name": "dpmpp", "order": 2, "lower_order_final": "never"}, {"name": "dpmpp", "order": 1},
     "unipc", {"name": "unipc", "order": 2, "variant": "bh1"}, {"name": "unipc", "order": 1},
     "ipndm", {"name": "ipndm", "order": 1}, "lms", {"name": "lms", "order": 2}, "deis", {"name": "deis", "order": 1},
+    {"name": "dpmpp_2m", "solver_type": "heun"},
+    {"name": "dpmpp_3m", "third_order": "exact", "lower_order_final": "always"},
 ]
 RUN_SETTINGS = {
     "edm": dict(discretization="edm"),
@@ -185,6 +198,158 @@ def test_repeated_noise_levels_of_a_rounded_grid_are_harmless():
         assert float((x - NET(expected, float(plan.sigma_steps[-2]))).abs().max()) < 1e-3, solver
 
 
+# --- DPM-Solver++: the weights, the two 3M weightings, the names -------------------------------------------------
+
+
+def published_dpmpp(h: float, r0: float, r1: float, eta: float, solver_type: str, c2: float) -> np.ndarray:
+    """[3, 3]: coefficients on (D_i, D_{i-1}, D_{i-2}) of the 1-, 2- and 3-point DPM-Solver++ steps as DPM-Solver's
+    multistep updates and k-diffusion's dpmpp_2m_sde/dpmpp_3m_sde write them (phi's of z = (1 + eta) h, closed
+    forms; r0, r1 = h_{i-1}/h, h_{i-2}/h; c2 = 1 for their 3M, 2 for the exact one)."""
+    z = (1 + eta) * h
+    phi_1 = -math.expm1(-z)
+    phi_2 = 1 - phi_1 / z
+    phi_3 = phi_2 / z - 0.5
+    e = np.eye(3)
+    d1_0, d1_1 = (e[0] - e[1]) / r0, (e[1] - e[2]) / r1
+    d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    two = phi_1 * e[0] + (0.5 * phi_1 if solver_type == "midpoint" else phi_2) * d1_0
+    return np.stack([phi_1 * e[0], two, phi_1 * e[0] + phi_2 * d1 - c2 * phi_3 * d2])
+
+
+@pytest.mark.parametrize("h", [0.05, 0.7, 3.0])
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_dpmpp_weights_match_the_published_updates(h, eta):
+    r0, r1 = 0.6, 0.9
+    nodes = [0.0, -r0 * h, -(r0 + r1) * h]
+    for solver_type, third_order, c2 in (("midpoint", "reference", 1.0), ("heun", "exact", 2.0)):
+        expected = published_dpmpp(h, r0, r1, eta, solver_type, c2)
+        for k in (1, 2, 3):
+            got = dpmpp_weights(nodes[:k], h, eta, solver_type, third_order)
+            np.testing.assert_allclose(got, expected[k - 1][:k], rtol=1e-11, atol=1e-15)
+
+
+def test_the_reference_3m_weighting_halves_the_second_difference():
+    """For D quadratic in lambda, int_0^z e^(v - z) D(v/(1 + eta)) dv is what the exact weighting returns; the
+    reference weighting returns that plus phi_3 D2 (D2 = h^2 D''/2): half the exact weight of D2, a local error of
+    h^3 D''/12 as h -> 0 (phi_3 ~ -h/6)."""
+    h, eta = 0.8, 0.3
+    nodes = np.array([0.0, -0.5 * h, -1.2 * h])
+    z = (1 + eta) * h
+    v, w = np.polynomial.legendre.leggauss(40)
+    v, w = 0.5 * z * (v + 1), 0.5 * z * w
+    for quad in (1.0, -2.5):
+        poly = [0.3, -1.1, quad]  # D(u) = 0.3 - 1.1 u + quad u^2
+        values = np.polynomial.polynomial.polyval(nodes, poly)
+        integral = np.sum(w * np.exp(v - z) * np.polynomial.polynomial.polyval(v / (1 + eta), poly))
+        exact = np.dot(dpmpp_weights(nodes, h, eta, third_order="exact"), values)
+        reference = np.dot(dpmpp_weights(nodes, h, eta, third_order="reference"), values)
+        assert exact == pytest.approx(integral, rel=1e-13)
+        assert reference - exact == pytest.approx(phi_functions(z)[2] * h**2 * quad, rel=1e-10)
+
+
+def test_phi_functions_agree_with_their_closed_forms():
+    for z in (1e-3, 0.3, 0.999, 1.0, 1.5, 20.0):
+        phi_1 = -math.expm1(-z)
+        phi_2 = 1 - phi_1 / z
+        np.testing.assert_allclose(phi_functions(z), (phi_1, phi_2, phi_2 / z - 0.5), rtol=1e-9)
+    phi_1, phi_2, phi_3 = phi_functions(1e-9)  # series: no cancellation for tiny steps
+    assert (phi_1, phi_2, phi_3) == pytest.approx((1e-9, 0.5e-9, -1e-9 / 6), rel=1e-8)
+
+
+@pytest.mark.parametrize("setting", ["ve", "logsnr"])
+def test_dpmpp_3m_weightings_measured_orders(setting):
+    """'reference' (phi_3 on D2, as DPM-Solver, k-diffusion and diffusers) is globally second order, 'exact'
+    (2 phi_3) third order (N = 32, 64, 128; on the edm grid the reference one is still pre-asymptotic there)."""
+    base = Sampler(solver="dpmpp_3m", **SETTINGS[setting])
+    assert 1.8 < observed_order(base, HIGH) < 2.2
+    assert 2.8 < observed_order(base.replace(solver={"name": "dpmpp_3m", "third_order": "exact"}), HIGH) < 3.2
+
+
+def test_dpmpp_names_are_dpmpp_of_that_order():
+    for spec, same in (
+        ({"name": "dpmpp_2m", "solver_type": "heun"}, {"name": "dpmpp", "order": 2, "solver_type": "heun"}),
+        ("dpmpp_3m", "dpmpp"),
+        ({"name": "dpmpp_3m", "third_order": "exact"}, {"name": "dpmpp", "order": 3, "third_order": "exact"}),
+    ):
+        a = Sampler(solver=spec, num_steps=9)(NET, LATENTS)
+        assert torch.equal(a, Sampler(solver=same, num_steps=9)(NET, LATENTS)), spec
+    assert SOLVERS.create("dpmpp_2m").order == 2 and SOLVERS.create("dpmpp_3m").order == 3
+
+
+# --- Lower-order final steps ---------------------------------------------------------------------------------
+
+
+def planned_orders(spec, num_steps: int) -> list[int]:
+    """The order of each step from its coefficients: the number of history points it combines."""
+    return [len(step.record.predictor.weights) for step in Sampler(solver=spec, num_steps=num_steps).plan(NET).steps]
+
+
+@pytest.mark.parametrize("spec,num_steps,expected", [
+    # DPM-Solver's rule: with fewer than 10 steps to sigma_min, step_order = min(order, steps + 1 - step).
+    ("dpmpp_3m", 10, [1, 2, 3, 3, 3, 3, 3, 2, 1, 1]),
+    ("dpmpp_3m", 11, [1, 2, 3, 3, 3, 3, 3, 3, 3, 3, 1]),
+    ({"name": "dpmpp_3m", "lower_order_final": "always"}, 11, [1, 2, 3, 3, 3, 3, 3, 3, 2, 1, 1]),
+    ({"name": "dpmpp_3m", "lower_order_final": "never"}, 8, [1, 2, 3, 3, 3, 3, 3, 1]),
+    ("dpmpp_2m", 6, [1, 2, 2, 2, 1, 1]),
+    ({"name": "dpmpp", "order": 2}, 12, [1] + [2] * 10 + [1]),
+    # UniPC's rule: at every N.
+    ("unipc", 20, [1, 2] + [3] * 15 + [2, 1, 1]),
+    ({"name": "unipc", "lower_order_final": "never"}, 20, [1, 2] + [3] * 17 + [1]),
+    # k-diffusion's dpmpp_3m_sde: warm-up only.
+    ("dpmpp_3m_sde", 8, [1, 2, 3, 3, 3, 3, 3, 1]),
+    ({"name": "dpmpp_3m_sde", "lower_order_final": "always"}, 8, [1, 2, 3, 3, 3, 2, 1, 1]),
+])
+def test_lower_order_final_picks_the_order_of_each_step(spec, num_steps, expected):
+    assert planned_orders(spec, num_steps) == expected  # the last entry is the final step to 0 (returns D)
+
+
+def test_dpmpp_reference_rule_switches_at_ten_steps():
+    """'reference' is 'always' up to N = 10 (9 steps to sigma_min) and 'never' from N = 11."""
+    def run(rule, n):
+        return Sampler(solver={"name": "dpmpp_3m", "lower_order_final": rule}, num_steps=n)(NET, LATENTS)
+    assert torch.equal(run("reference", 10), run("always", 10)) and not torch.equal(run("never", 10), run("always", 10))
+    assert torch.equal(run("reference", 11), run("never", 11)) and not torch.equal(run("never", 11), run("always", 11))
+
+
+def test_error_no_longer_jumps_at_the_old_threshold():
+    """The old fixed rule lowered the final orders below 15 steps to sigma_min only, so unipc bh2-2 was more accurate
+    with 15 steps than with 16; every rule now applies the same way at both (sigma in [0.05, 5], edm grid)."""
+    def error(spec, rule, n):
+        return error_at_last_nonzero_step(Sampler(solver={**spec, "lower_order_final": rule}, num_steps=n,
+                                                  sigma_min=0.05, sigma_max=5.0))
+    unipc = {"name": "unipc", "variant": "bh2", "order": 2}
+    assert error(unipc, "never", 16) > 1.3 * error(unipc, "always", 15)  # the old behaviour: a jump up
+    for spec in (unipc, {"name": "dpmpp_2m"}, {"name": "dpmpp_3m"}):
+        for rule in ("reference", "always", "never"):
+            assert error(spec, rule, 16) < 0.95 * error(spec, rule, 15), (spec, rule)
+
+
+def test_docs_example_runs():
+    """The Python example of docs/solvers.md (it asserts the eta = 0 equality itself)."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "solvers.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs/solvers.md", "exec"), {})
+
+
+def test_edm_solvers_lists_each_rule():
+    from click.testing import CliRunner
+
+    from edm_toolkit.cli.solvers import solvers
+
+    result = CliRunner().invoke(solvers, [])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.output.splitlines() if line.strip()}
+    for name in ("dpmpp", "dpmpp_2m", "dpmpp_3m"):
+        assert "lower_order_final='reference' [N <= 10 (DPM-Solver)]" in rows[name]
+    assert "lower_order_final='reference' [always (UniPC)]" in rows["unipc"]
+    for name in ("dpmpp_2m_sde", "dpmpp_3m_sde"):
+        assert "lower_order_final='reference' [never (k-diffusion)]" in rows[name]
+    assert "third_order='reference'" in rows["dpmpp_3m"] and "lower_order_final" not in rows["lms"]
+
+
 @pytest.mark.parametrize("tol", [1e-5, 1e-8])
 @pytest.mark.parametrize("setting", ["edm", "vp", "ve"])
 def test_adaptive_solver_meets_its_tolerance(tol, setting):
@@ -217,6 +382,14 @@ def test_adaptive_solver_guards_its_budget():
 @pytest.mark.parametrize("spec,match", [
     ({"name": "dpmpp", "order": 4}, "dpmpp order must be an integer from 1 to 3"),
     ({"name": "dpmpp", "order": 0}, "dpmpp order"),
+    ({"name": "dpmpp", "lower_order_final": "sometimes"},
+     "dpmpp lower_order_final must be 'reference', 'always' or 'never', got 'sometimes'"),
+    ({"name": "dpmpp", "lower_order_final": True}, "lower_order_final' must be a string"),
+    ({"name": "dpmpp_3m", "third_order": "half"}, "dpmpp_3m third_order must be 'reference' or 'exact'"),
+    ({"name": "dpmpp_3m", "solver_type": "rk4"}, "dpmpp_3m solver_type must be 'midpoint' or 'heun'"),
+    ({"name": "dpmpp_2m", "third_order": "exact"}, "unknown option 'third_order'"),
+    ({"name": "dpmpp_2m", "order": 3}, "unknown option 'order'"),
+    ({"name": "unipc", "lower_order_final": "below15"}, "unipc lower_order_final must be"),
     ({"name": "unipc", "order": 4}, "unipc order"),
     ({"name": "unipc", "variant": "bh3"}, "unipc variant must be 'bh1' or 'bh2'"),
     ({"name": "ipndm", "order": 5}, "ipndm order must be an integer from 1 to 4"),
@@ -233,4 +406,4 @@ def test_bad_options_raise_config_errors(spec, match):
 
 
 def test_registered_names():
-    assert {"dpmpp", "unipc", "ipndm", "lms", "deis", "adaptive"} <= set(SOLVERS.names())
+    assert {"dpmpp", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "lms", "deis", "adaptive"} <= set(SOLVERS.names())

@@ -118,6 +118,91 @@ def test_level_based_samplers_ignore_schedule_and_scaling(key):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
 
 
+# --- DPM-Solver++ SDE: the ODE solvers at eta = 0, and the published updates ---------------------------------
+
+
+@pytest.mark.parametrize("setting", [{}, {"schedule": "vp", "scaling": "vp"}])
+@pytest.mark.parametrize("num_steps", [5, 12])
+def test_dpmpp_sde_at_eta_zero_is_the_ode_solver(setting, num_steps):
+    """dpmpp_2m/dpmpp_3m and dpmpp_2m_sde/dpmpp_3m_sde at eta = 0 agree to round-off under equal options (the
+    SDE samplers' defaults: k-diffusion's rule, no lower-order final steps; dpmpp_3m_sde's 2M warm-up is 'heun')."""
+    pairs = [({"name": "dpmpp_3m", "solver_type": "heun", "lower_order_final": "never"}, {"name": "dpmpp_3m_sde"}),
+             ({"name": "dpmpp_2m", "lower_order_final": "never"}, {"name": "dpmpp_2m_sde"})]
+    for solver_type, third_order, rule in (("midpoint", "exact", "always"), ("heun", "reference", "never")):
+        pairs.append(({"name": "dpmpp_2m", "solver_type": solver_type, "lower_order_final": rule},
+                      {"name": "dpmpp_2m_sde", "solver_type": solver_type, "lower_order_final": rule}))
+        pairs.append(({"name": "dpmpp_3m", "solver_type": "heun", "third_order": third_order,
+                       "lower_order_final": rule},
+                      {"name": "dpmpp_3m_sde", "third_order": third_order, "lower_order_final": rule}))
+    draws = []
+    for ode, sde in pairs:
+        expected = Sampler(solver=ode, num_steps=num_steps, **setting)(MIXTURE, LATENTS)
+        got = Sampler(solver={**sde, "eta": 0.0}, num_steps=num_steps, **setting)(
+            MIXTURE, LATENTS, randn_like=lambda x: draws.append(1) or torch.randn_like(x))
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12, msg=lambda m: f"{ode}, {sde}: {m}")
+    assert not draws  # no noise at eta = 0
+
+
+def published_dpmpp_sampler(net, latents, sigmas, order, solver_type, c2, final_below, eta=0.0, noise=()):
+    """DPM-Solver++ as the reference codes write the loop (DPM-Solver's multistep sampler with denoise-to-zero,
+    k-diffusion's sample_dpmpp_2m_sde / sample_dpmpp_3m_sde): noise levels ``sigmas`` ending in 0, data prediction,
+    phi's of h_eta = (1 + eta) h, noise sigma_next sqrt(1 - e^(-2 eta h)) eps from ``noise``."""
+    noise = iter(noise)
+    x = latents * sigmas[0]
+    denoised, hs = [], []
+    to_min = len(sigmas) - 2
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        D = net(x, sigma)
+        if sigma_next == 0:
+            return D
+        h = math.log(sigma / sigma_next)
+        z = (1 + eta) * h
+        step_order = min(order, i + 1, to_min - i if to_min < final_below else order)
+        phi_1 = -math.expm1(-z)
+        phi_2 = 1 - phi_1 / z
+        phi_3 = phi_2 / z - 0.5
+        x = sigma_next / sigma * math.exp(-eta * h) * x + phi_1 * D
+        if step_order >= 2:
+            r0 = hs[-1] / h
+            d1_0 = (D - denoised[-1]) / r0
+        if step_order == 2:
+            x = x + (0.5 * phi_1 if solver_type == "midpoint" else phi_2) * d1_0
+        if step_order == 3:
+            r1 = hs[-2] / h
+            d1_1 = (denoised[-1] - denoised[-2]) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            x = x + phi_2 * d1 - c2 * phi_3 * d2
+        if eta:
+            x = x + next(noise) * sigma_next * math.sqrt(-math.expm1(-2 * eta * h))
+        denoised.append(D)
+        hs.append(h)
+
+
+@pytest.mark.parametrize("spec,order,solver_type,c2,final_below,num_steps", [
+    ({"name": "dpmpp_3m"}, 3, "midpoint", 1.0, 10, 8),  # DPM-Solver's code: lower-order final steps below 10
+    ({"name": "dpmpp_3m"}, 3, "midpoint", 1.0, 10, 13),
+    ({"name": "dpmpp_3m", "third_order": "exact", "solver_type": "heun"}, 3, "heun", 2.0, 10, 7),
+    ({"name": "dpmpp_2m"}, 2, "midpoint", 0.0, 10, 9),
+    ({"name": "dpmpp_2m", "lower_order_final": "never"}, 2, "midpoint", 0.0, 0, 9),  # k-diffusion's dpmpp_2m
+    ({"name": "dpmpp_3m_sde", "eta": 0.0}, 3, "heun", 1.0, 0, 9),
+    ({"name": "dpmpp_3m_sde", "eta": 0.5}, 3, "heun", 1.0, 0, 9),  # k-diffusion's dpmpp_3m_sde
+    ({"name": "dpmpp_3m_sde", "eta": 1.0, "third_order": "exact"}, 3, "heun", 2.0, 0, 6),
+    ({"name": "dpmpp_2m_sde", "eta": 0.7, "solver_type": "heun"}, 2, "heun", 0.0, 0, 9),  # ... dpmpp_2m_sde
+    ({"name": "dpmpp_2m_sde", "eta": 1.0, "lower_order_final": "always"}, 2, "midpoint", 0.0, math.inf, 7),
+])
+def test_dpmpp_matches_the_published_updates(spec, order, solver_type, c2, final_below, num_steps):
+    sampler = Sampler(solver=spec, num_steps=num_steps)
+    sigmas = sampler.plan(MIXTURE).sigma_steps.tolist()
+    noise = torch.randn(num_steps, *LATENTS.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = published_dpmpp_sampler(MIXTURE, LATENTS, sigmas, order, solver_type, c2, final_below,
+                                       eta=spec.get("eta", 0.0), noise=noise)
+    calls = iter(noise)
+    got = sampler(MIXTURE, LATENTS, randn_like=lambda x: next(calls))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-11)
+
+
 # --- Correct distribution ------------------------------------------------------------------------------------
 
 # Step counts that put each sampler's discretization bias on the variance well below the test's 5 standard errors
@@ -218,7 +303,7 @@ def test_runs_on_every_setting(key, setting):
 @pytest.mark.parametrize("key", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"])
 def test_repeated_noise_levels_are_skipped(key):
     """100 steps on iDDPM's rounded grid repeat some noise levels (zero-length steps): x stays as it is there, and
-    the multistep samplers restart their history instead of dividing by a zero step."""
+    the multistep samplers use each noise level once in their history instead of dividing by a zero step."""
     net = OnGrid(MIXTURE, IDDPMPrecond())
     sampler = Sampler(solver=SAMPLERS[key], num_steps=100)
     plan = sampler.plan(net)
@@ -257,6 +342,9 @@ def test_churn_compatibility_is_declared_and_enforced():
     ({"name": "dpmpp_2m_sde", "solver_type": "rk4"}, "solver_type must be 'midpoint' or 'heun'"),
     ({"name": "dpmpp_3m_sde", "s_noise": -1}, "s_noise must be a finite number >= 0"),
     ({"name": "dpmpp_3m_sde", "solver_type": "heun"}, "unknown option 'solver_type'"),
+    ({"name": "dpmpp_3m_sde", "third_order": "half"}, "third_order must be 'reference' or 'exact'"),
+    ({"name": "dpmpp_2m_sde", "third_order": "exact"}, "unknown option 'third_order'"),
+    ({"name": "dpmpp_2m_sde", "lower_order_final": "below15"}, "lower_order_final must be 'reference', 'always'"),
     ({"name": "restart", "intervals": []}, "at least one interval"),
     ({"name": "restart", "intervals": [[3, 2, 0.06]]}, r"must be a list \(N, K, t_min, t_max\)"),
     ({"name": "restart", "intervals": [[1, 2, 0.06, 0.3]]}, "N must be an integer >= 2"),
@@ -285,3 +373,4 @@ def test_registered_and_configurable_by_name():
     solver = SOLVERS.create({"name": "restart", "intervals": [[3, 2, 0.06, 0.30]], "s_noise": 1.003})
     assert solver.intervals == ((3, 2, 0.06, 0.30),) and isinstance(solver.intervals[0][0], int)
     assert SOLVERS.create("dpmpp_2m_sde").solver_type == "midpoint" and SOLVERS.create("dpmpp_3m_sde").eta == 1.0
+    assert SOLVERS.create("dpmpp_3m_sde").third_order == "reference"

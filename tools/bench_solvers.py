@@ -7,6 +7,7 @@ The error is the median over 32 seeds of the RMS error of x/s at sigma_min (see 
 
     python tools/bench_solvers.py            # writes docs/benchmarks.md and docs/solvers_edm.png
     python tools/bench_solvers.py --quick    # edm discretization only, prints only
+    python tools/bench_solvers.py --quick --solvers "dpm++ 3M,dpm++ 3M exact"   # some solvers, prints only
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from edm_toolkit.solvers import SOLVERS  # noqa: E402
 SOLVER_SPECS = {
     "euler": {"name": "euler"},
     "heun": {"name": "heun"},
-    "dpm++ 2M": {"name": "dpmpp", "order": 2},
-    "dpm++ 3M": {"name": "dpmpp", "order": 3},
+    "dpm++ 2M": {"name": "dpmpp_2m"},
+    "dpm++ 3M": {"name": "dpmpp_3m"},  # the reference weighting (DPM-Solver, k-diffusion, diffusers)
+    "dpm++ 3M exact": {"name": "dpmpp_3m", "third_order": "exact"},
     "unipc bh1-3": {"name": "unipc", "variant": "bh1", "order": 3},
     "unipc bh2-2": {"name": "unipc", "variant": "bh2", "order": 2},
     "unipc bh2-3": {"name": "unipc", "variant": "bh2", "order": 3},
@@ -56,10 +58,11 @@ def steps_for(solver, nfe: int) -> int | None:
     return best
 
 
-def accuracy(probe: AccuracyProbe, discretizations):
+def accuracy(probe: AccuracyProbe, discretizations, labels):
     table = {}  # (disc, solver label) -> [(nfe, error)]
     for disc in discretizations:
-        for label, spec in SOLVER_SPECS.items():
+        for label in labels:
+            spec = SOLVER_SPECS[label]
             solver = SOLVERS.create(spec)
             rows, seen = [], set()
             for target in NFE_TARGETS:
@@ -151,8 +154,18 @@ def report(table, ovh, command):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="edm discretization only; print, do not write docs")
+    parser.add_argument("--solvers", default=None, help="comma-separated solver labels to run (print only); "
+                                                         f"default all: {', '.join(SOLVER_SPECS)}")
     args = parser.parse_args()
-    table = accuracy(AccuracyProbe(), ["edm"] if args.quick else DISCRETIZATIONS)
+    labels = list(SOLVER_SPECS) if args.solvers is None else [label.strip() for label in args.solvers.split(",")]
+    unknown = [label for label in labels if label not in SOLVER_SPECS]
+    if unknown:
+        parser.error(f"unknown solver label {unknown[0]!r}; choose from: {', '.join(SOLVER_SPECS)}")
+    table = accuracy(AccuracyProbe(), ["edm"] if args.quick else DISCRETIZATIONS, labels)
+    if args.solvers is not None:
+        for (disc, label), rows in table.items():
+            print(f"| {disc} | {label} | " + " | ".join(f"{error_at(rows, t):.2e}" for t in NFE_TARGETS) + " |")
+        return
     target, reach, beats = checks(table)
     print("heun@35:", target, "reach:", reach)
     for row in beats:

@@ -1,21 +1,26 @@
-"""Deterministic multistep solvers: DPM-Solver++ (2M/3M), UniPC, iPNDM, LMS and DEIS (tAB).
+"""Multistep solvers: DPM-Solver++ (2M/3M, and the SDE variants' coefficients), UniPC, iPNDM, LMS and DEIS (tAB).
 
 Every solver here is a linear multistep method on y = x/s(t), the state EDM's Eq. 4 writes as
 dy/dsigma = (y - D(y; sigma))/sigma for every schedule and scaling, so one set of coefficients, computed from the
 noise levels alone, serves them all. A step from the evaluation point t_hat_i to t_{i+1} is
 
-    y_{i+1} = carry_i y_i + sum_j w_ij F_{i-j},        x_{i+1} = s(t_{i+1}) y_{i+1},
+    y_{i+1} = carry_i y_i + sum_j w_ij F_{i-j} (+ noise_i eps),        x_{i+1} = s(t_{i+1}) y_{i+1},
 
 with F the data prediction D (exponential integrators in lambda = -log sigma: DPM-Solver++, UniPC) or the noise
 prediction eps = (y - D)/sigma = dy/dsigma (sigma-space Adams-Bashforth methods: iPNDM, LMS, DEIS). ``prepare``
 computes carry and w for every step as Python floats; ``step`` evaluates the network once and combines tensors.
 Every step costs exactly one network evaluation, so N steps cost N NFE, the final step to sigma = 0 included.
+(The noise term is used only by the DPM-Solver++ SDE samplers of stochastic.py, built on the same coefficients.)
 
 History and warm-up. The history holds F at the previous evaluation points; step i uses at most i + 1 of them, so
 the first steps are lower order, as every one of these papers prescribes. Churn voids the history: the fresh noise
 moves x off the trajectory the old values describe (extrapolating them diverges), so the step after churn starts
 a new warm-up; with churn on every step these solvers are first order there (DDIM / Euler in sigma). Points with
 equal noise levels (a rounded grid can repeat a level) are used once.
+
+Lower-order final steps (``lower_order_final``, exponential integrators only). The reference codes lower the order
+of the last steps to sigma_min, the last one first order, the one before second order (DPM-Solver's and UniPC's
+step_order = min(order, steps + 1 - step)), each under its own rule: see ``step_orders`` and the solvers.
 
 The final step to sigma = 0. lambda is infinite there, so the exponential integrators take a first-order step,
 which returns the denoised value y_N = D(y_{N-1}; sigma_{N-1}) (the "denoise to zero" of DPM-Solver and UniPC, and
@@ -38,8 +43,7 @@ from .base import SOLVERS, ODEPoint, Solver
 
 _GAUSS_NODES, _GAUSS_WEIGHTS = np.polynomial.legendre.leggauss(32)
 
-# DPM-Solver's rule: below this many steps to sigma_min, the last steps there drop to lower order.
-LOWER_ORDER_FINAL_BELOW = 15
+LOWER_ORDER_FINAL = ("reference", "always", "never")  # the values of the ``lower_order_final`` option
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -55,6 +59,16 @@ def lagrange_basis(nodes: Sequence[float], at: np.ndarray) -> np.ndarray:
             if m != j:
                 basis[j] *= (at - node_m) / (node_j - node_m)
     return basis
+
+
+def lagrange_coefficients(nodes: Sequence[float]) -> np.ndarray:
+    """[len(nodes), len(nodes)]: the Lagrange basis polynomials on ``nodes`` in the power basis, c[j, k] the
+    coefficient of v^k in L_j(v)."""
+    out = np.zeros((len(nodes), len(nodes)))
+    for j, node_j in enumerate(nodes):
+        others = [node for m, node in enumerate(nodes) if m != j]
+        out[j] = np.polynomial.polynomial.polyfromroots(others) / np.prod([node_j - node for node in others])
+    return out
 
 
 def integrate_basis(
@@ -78,11 +92,11 @@ def exponential_weights(nodes: Sequence[float], h: float, b_h: float) -> tuple[f
     in lambda = -log sigma, dy/dlambda = D - y, is y = e^-h y_s + int_0^h e^(u - h) D(lambda_s + u) du (DPM-Solver++'s
     data-prediction form x_t = (sigma_t/sigma_s) x_s + sigma_t int e^lambda x_theta dlambda with alpha = 1).
     With three or more nodes D is replaced by its interpolating polynomial and integrated exactly: this is
-    DPM-Solver++(3M) (see ``DPMSolverPP``) and UniPC's UniP-p/UniC-p with the linear system R_p a = g_p(h)/B(h) for
-    its coefficients solved exactly (B(h) then cancels). With two nodes UniPC sets a_1 = 1/2 instead (its UniP-2
-    and UniC-1): w = (1 - e^-h) [j = 0] + B(h)/2 (L_j(h) - [j = 0]), which for B(h) = 1 - e^-h (bh2) is
-    DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2: y_{i+1} = e^-h y_i + (1 - e^-h) (D_i + (D_i - D_{i-1})/(2 r_i)),
-    r_i = h_{i-1}/h_i). One node is DDIM: w = 1 - e^-h.
+    UniPC's UniP-p/UniC-p with the linear system R_p a = g_p(h)/B(h) for its coefficients solved exactly (B(h) then
+    cancels), and DPM-Solver++(3M) with ``third_order="exact"`` (``dpmpp_weights``). With two nodes UniPC sets
+    a_1 = 1/2 instead (its UniP-2 and UniC-1): w = (1 - e^-h) [j = 0] + B(h)/2 (L_j(h) - [j = 0]), which for
+    B(h) = 1 - e^-h (bh2) is DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2: y_{i+1} = e^-h y_i
+    + (1 - e^-h) (D_i + (D_i - D_{i-1})/(2 r_i)), r_i = h_{i-1}/h_i). One node is DDIM: w = 1 - e^-h.
     """
     if len(nodes) == 1:
         return (-math.expm1(-h),)
@@ -92,6 +106,59 @@ def exponential_weights(nodes: Sequence[float], h: float, b_h: float) -> tuple[f
     edges = np.linspace(0.0, h, max(1, math.ceil(h / 4)) + 1)  # panels <= 4 long: exact quadrature for any h
     panels = [integrate_basis(nodes, a, b, kernel=lambda u: np.exp(u - h)) for a, b in zip(edges[:-1], edges[1:])]
     return tuple(np.sum(panels, axis=0).tolist())
+
+
+def phi_functions(z: float) -> tuple[float, float, float]:
+    """(phi_1, phi_2, phi_3) of the data-prediction exponential integrator over a step of z in lambda:
+    phi_1 = 1 - e^-z, phi_2 = 1 - phi_1/z, phi_3 = phi_2/z - 1/2 (DPM-Solver++'s -phi_1, phi_2, phi_3, k-diffusion's
+    phi_2 and phi_3), so that int_0^z e^(v - z) (v/z)^k dv = phi_1, phi_2, -2 phi_3 for k = 0, 1, 2.
+
+    Below z = 1 from their series, phi_k = (+-) z sum_n (-z)^n/(n + k)!, which the closed forms would lose to
+    cancellation for the small steps of long runs.
+    """
+    if z >= 1:
+        phi_1 = -math.expm1(-z)
+        phi_2 = 1 - phi_1 / z
+        return phi_1, phi_2, phi_2 / z - 0.5
+    sums = [sum((-z) ** n / math.factorial(n + k) for n in range(20)) for k in (1, 2, 3)]
+    return z * sums[0], z * sums[1], -z * sums[2]
+
+
+DPMPP_SOLVER_TYPES = ("midpoint", "heun")  # the weight of D1 in the two-point (2M) step
+DPMPP_THIRD_ORDER = ("reference", "exact")  # the weight of D2 in the three-point (3M) step
+
+
+def dpmpp_weights(nodes: Sequence[float], h: float, eta: float = 0.0, solver_type: str = "midpoint",
+                  third_order: str = "reference") -> tuple[float, ...]:
+    """Weights w_j on the denoised history of a DPM-Solver++ step (Lu et al. 2022) of h in lambda = -log sigma:
+    y_next = (sigma_next/sigma) e^(-eta h) y + sum_j w_j D_j (+ sigma_next sqrt(1 - e^(-2 eta h)) eps for eta > 0).
+
+    ``nodes`` are u_j = lambda_{i-j} - lambda_i (nodes[0] = 0, newest first). With p the polynomial through them,
+    D1 = h p'(0) and D2 = h^2 p''(0)/2 (DPM-Solver's divided differences D1 = D1_0 + r0 (D1_0 - D1_1)/(r0 + r1),
+    D2 = (D1_0 - D1_1)/(r0 + r1) with D1_0 = (D_0 - D_1)/r0, D1_1 = (D_1 - D_2)/r1, r_k = h_{i-1-k}/h), and the
+    phi functions (``phi_functions``) of z = (1 + eta) h (the SDE's faster decay; eta = 0 is the ODE):
+
+        one node (DDIM):   phi_1 D_0
+        two nodes (2M):    phi_1 D_0 + c1 D1,            c1 = phi_1/2 ("midpoint") or phi_2 ("heun")
+        three nodes (3M):  phi_1 D_0 + phi_2 D1 - c2 phi_3 D2,   c2 = 1 ("reference") or 2 ("exact")
+
+    The exact integral int_0^z e^(v - z) p(v/(1 + eta)) dv of the interpolating polynomial is phi_1 D_0 + phi_2 D1
+    - 2 phi_3 D2 ("heun" and "exact"). "midpoint" (DPM-Solver++ Algorithm 2; the default of DPM-Solver's code,
+    k-diffusion's dpmpp_2m and diffusers) agrees with it to O(h^3) and keeps second order. "reference" is the 3M
+    update of DPM-Solver's code (multistep_dpm_solver_third_update), k-diffusion's dpmpp_3m_sde and diffusers: it
+    weights D2 by half the exact value, which leaves a local error of h^3 D''/12 (D'' = d^2 D/d lambda^2), so the
+    method is globally second order (measured in the tests); "exact" is third order.
+    """
+    if h == 0:
+        return (0.0,) * len(nodes)
+    phi_1, phi_2, phi_3 = phi_functions((1 + eta) * h)
+    terms = [phi_1]  # the weights of D_0, D1, D2
+    if len(nodes) == 2:
+        terms.append(0.5 * phi_1 if solver_type == "midpoint" else phi_2)
+    elif len(nodes) == 3:
+        terms += [phi_2, -(1.0 if third_order == "reference" else 2.0) * phi_3]
+    # p(v h) = sum_j D_j L_j(v) on the nodes in units of h: D1 and D2 are the coefficients of v and v^2.
+    return tuple((lagrange_coefficients([u / h for u in nodes]) @ np.array(terms)).tolist())
 
 
 def distinct_offsets(values: Sequence[float], i: int, count: int, first: int) -> list[int]:
@@ -120,16 +187,24 @@ def check_order(solver: str, order, highest: int) -> None:
         raise ConfigError(f"{solver} order must be an integer from 1 to {highest}, got {order!r}")
 
 
+def check_choice(solver: str, option: str, value, choices: Sequence[str]) -> None:
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+        raise ConfigError(f"{solver} {option} must be {listed}, got {value!r}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The shared step.
 
 
 @dataclass(frozen=True, slots=True)
 class Update:
-    """y_new = carry y + sum_j weights[j] history[j] (history newest first)."""
+    """y_new = carry y + sum_j weights[j] history[j] (history newest first), plus fresh noise of std ``noise``
+    (added by the step; only the DPM-Solver++ SDE samplers have any)."""
 
     carry: float
     weights: tuple[float, ...]
+    noise: float = 0.0
 
     def apply(self, y: torch.Tensor, history: Sequence[torch.Tensor]) -> torch.Tensor:
         out = torch.mul(y, self.carry)
@@ -155,6 +230,10 @@ class LinearMultistep(Solver):
 
     def evaluations(self, num_steps):
         return num_steps
+
+    def final_steps(self) -> str:
+        """When the last steps to sigma_min use lower orders (for ``edm solvers``): here never, only warm-up."""
+        return "never"
 
     def updates(self, sigma_hat: list[float], sigma_next: list[float], starts: list[int]
                 ) -> list[tuple[Update, Update | None]]:
@@ -183,39 +262,62 @@ class LinearMultistep(Solver):
         if record.corrector is not None:
             y = record.corrector.apply(ctx.state["y"], history)
         ctx.state["y"] = y
-        return record.predictor.apply(y, history).mul_(record.s_next)
+        y_next = record.predictor.apply(y, history)
+        if record.predictor.noise:
+            y_next.add_(ctx.randn_like(y_next), alpha=record.predictor.noise)
+        return y_next.mul_(record.s_next)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Exponential integrators in lambda = -log sigma with data prediction.
 
 
-def step_orders(starts: Sequence[int], order: int, lower_order_final: bool = False) -> list[int]:
-    """Order of each step: warm-up, min(order, number of history points available); with ``lower_order_final``
-    and fewer than 15 steps to sigma_min, the last k steps there use order <= k (DPM-Solver's rule,
-    min(order, steps + 1 - step))."""
+def step_orders(starts: Sequence[int], order: int, final_below: float = 0) -> list[int]:
+    """Order of each step. Warm-up: min(order, number of history points available). Lower-order final steps: with
+    fewer than ``final_below`` steps to sigma_min (N - 1 of the N steps), step i < N - 1 uses order <= N - 1 - i, so
+    the last step to sigma_min is first order and the one before second order (DPM-Solver's and UniPC's
+    step_order = min(order, steps + 1 - step)). The final step to sigma = 0 is the solver's own business."""
     orders = [min(order, i - start + 1) for i, start in enumerate(starts)]
     to_min = len(starts) - 1
-    if lower_order_final and to_min < LOWER_ORDER_FINAL_BELOW:
+    if to_min < final_below:
         orders = [min(k, to_min - i) if i < to_min else k for i, k in enumerate(orders)]
     return orders
 
 
 class ExponentialMultistep(LinearMultistep):
-    """DPM-Solver++ and UniPC: data prediction, exponential integrator in lambda (see ``exponential_weights``)."""
+    """DPM-Solver++ and UniPC: data prediction, exponential integrators in lambda.
+
+    ``lower_order_final``: "reference" follows the rule of the method's reference code, ``reference_rule``
+    (lower the last steps to sigma_min when there are fewer than that many of them: 0 never, inf always),
+    "always" and "never" override it.
+    """
 
     predicts: ClassVar[str] = "data"
     corrects: ClassVar[bool] = False
+    reference_rule: ClassVar[tuple[float, str]]  # (steps to sigma_min below which to lower, whose rule)
     order: int
-    lower_order_final: bool
+    lower_order_final: str
 
-    def b(self, h: float) -> float:
-        """UniPC's B(h) for the two-node rule."""
-        return -math.expm1(-h)  # bh2, which makes the two-node rule DPM-Solver++(2M)
+    def __post_init__(self):
+        check_order(self.name, self.order, 3)
+        check_choice(self.name, "lower_order_final", self.lower_order_final, LOWER_ORDER_FINAL)
+
+    def final_below(self) -> float:
+        """Lower the final orders when there are fewer steps to sigma_min than this."""
+        return {"reference": self.reference_rule[0], "always": math.inf, "never": 0}[self.lower_order_final]
+
+    def final_steps(self):
+        below = self.final_below()
+        rule = "never" if below == 0 else "always" if below == math.inf else f"N <= {below:g}"
+        return f"{rule} ({self.reference_rule[1]})" if self.lower_order_final == "reference" else rule
+
+    def predictor(self, nodes: list[float], h: float, sigma: float, sigma_to: float) -> Update:
+        """The update of a step of h = log(sigma/sigma_to) > 0 from the history at ``nodes`` (lambda offsets)."""
+        raise NotImplementedError
 
     def updates(self, sigma_hat, sigma_next, starts):
         lam = [-math.log(s) for s in sigma_hat]
-        orders = step_orders(starts, self.order, self.lower_order_final)
+        orders = step_orders(starts, self.order, self.final_below())
         out, previous = [], None
         for i, (order, sigma, sigma_to) in enumerate(zip(orders, sigma_hat, sigma_next)):
             corrector = None
@@ -228,35 +330,95 @@ class ExponentialMultistep(LinearMultistep):
             else:
                 offsets = distinct_offsets(lam, i, order, starts[i])
                 nodes, h = [lam[i - j] - lam[i] for j in offsets], math.log(sigma / sigma_to)
-                predictor = Update(sigma_to / sigma, spread(exponential_weights(nodes, h, self.b(h)), offsets))
+                update = self.predictor(nodes, h, sigma, sigma_to)
+                predictor = Update(update.carry, spread(update.weights, offsets), update.noise)
                 previous = (offsets, nodes, h) if h > 0 else None  # nothing to correct after a zero-length step
             out.append((predictor, corrector))
         return out
 
 
+class DPMSolverPPFamily(ExponentialMultistep):
+    """DPM-Solver++(kM) (Lu et al. 2022, "DPM-Solver++": Algorithm 2 and the third-order multistep update of its
+    reference code), multistep in lambda with data prediction; each step's weights are ``dpmpp_weights``.
+
+    One implementation for the ODE solvers here (dpmpp, dpmpp_2m, dpmpp_3m) and the SDE samplers (dpmpp_2m_sde,
+    dpmpp_3m_sde in stochastic.py): with eta = 0 they are the same method. Options a member does not expose are
+    fixed by these class defaults: midpoint 2M steps, the reference 3M weighting, eta = 0 (no noise).
+    Lower-order final steps by DPM-Solver's reference code (dpm_solver_pytorch.py): when there are fewer than 10
+    steps to sigma_min, i.e. N <= 10 (its first release, and diffusers' DPMSolverMultistepScheduler, use 15).
+    """
+
+    reference_rule: ClassVar[tuple[float, str]] = (10, "DPM-Solver")
+    solver_type: ClassVar[str] = "midpoint"
+    third_order: ClassVar[str] = "reference"
+    eta: ClassVar[float] = 0.0
+    s_noise: ClassVar[float] = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice(self.name, "solver_type", self.solver_type, DPMPP_SOLVER_TYPES)
+        check_choice(self.name, "third_order", self.third_order, DPMPP_THIRD_ORDER)
+
+    def predictor(self, nodes, h, sigma, sigma_to):
+        weights = dpmpp_weights(nodes, h, self.eta, self.solver_type, self.third_order)
+        noise = sigma_to * math.sqrt(-math.expm1(-2 * self.eta * h)) * self.s_noise
+        return Update(sigma_to / sigma * math.exp(-self.eta * h), weights, noise)
+
+
 @SOLVERS.register
 @dataclass(frozen=True)
-class DPMSolverPP(ExponentialMultistep):
-    """DPM-Solver++(kM) (Lu et al. 2022, "DPM-Solver++", Algorithm 2 and the third-order multistep update):
-    multistep, data prediction, in lambda = -log sigma.
+class DPMSolverPP(DPMSolverPPFamily):
+    """DPM-Solver++(kM) of order k (1 DDIM, 2 dpmpp_2m, 3 dpmpp_3m).
 
-    order 1 is DDIM, 2 is DPM-Solver++(2M):
-    y_{i+1} = (sigma_{i+1}/sigma_i) y_i + (1 - e^-h) (D_i + (D_i - D_{i-1})/(2 r_i)),
-    3 is DPM-Solver++(3M): y_{i+1} = e^-h y_i - phi_1 D_i + phi_2 D1 - 2 phi_3 D2 with phi_1 = e^-h - 1,
-    phi_2 = phi_1/h + 1, phi_3 = phi_2/h - 1/2 and D1 = h p'(lambda_i), D2 = h^2 p''/2 of the quadratic p through
-    D_i, D_{i-1}, D_{i-2}: the exact integral of p. (DPM-Solver's reference code weights D2 by phi_3, half the
-    exact value; that leaves a local error h^3 D''/12 and makes it second order: measured slope 2.0.)
-    Global order ``order``. Warm-up with lower orders; ``lower_order_final`` lowers the last steps to sigma_min when
-    there are fewer than 15 (DPM-Solver's stabilising trick for few steps); the final step to 0 returns D.
-    One evaluation per step: N steps, N NFE.
+    See dpmpp_2m and dpmpp_3m for the options. Warm-up with lower orders; N steps, N NFE, the final step to 0
+    returns D.
     """
 
     name: ClassVar[str] = "dpmpp"
     order: int = 3
-    lower_order_final: bool = True
+    solver_type: str = "midpoint"
+    third_order: str = "reference"
+    lower_order_final: str = "reference"
 
-    def __post_init__(self):
-        check_order(self.name, self.order, 3)
+
+@SOLVERS.register
+@dataclass(frozen=True)
+class DPMSolverPP2M(DPMSolverPPFamily):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2; k-diffusion's dpmpp_2m): second order, one evaluation per step.
+
+    y_{i+1} = (sigma_{i+1}/sigma_i) y_i + phi_1 D_i + c1 (D_i - D_{i-1})/r_i, r_i = h_{i-1}/h_i, phi_1 = 1 - e^-h,
+    c1 = phi_1/2 (``solver_type`` "midpoint", Algorithm 2) or phi_2 = 1 - phi_1/h ("heun": the exact integral of
+    the line through D_{i-1}, D_i). The first step is DDIM. ``lower_order_final`` "reference": DPM-Solver's rule,
+    the last step to sigma_min first order when N <= 10 (k-diffusion's dpmpp_2m never lowers: "never").
+    N steps, N NFE; the final step to 0 returns D.
+    """
+
+    name: ClassVar[str] = "dpmpp_2m"
+    order: ClassVar[int] = 2
+    solver_type: str = "midpoint"
+    lower_order_final: str = "reference"
+
+
+@SOLVERS.register
+@dataclass(frozen=True)
+class DPMSolverPP3M(DPMSolverPPFamily):
+    """DPM-Solver++(3M), the third-order multistep update of DPM-Solver's code and diffusers' scheduler.
+
+    y_{i+1} = (sigma_{i+1}/sigma_i) y_i + phi_1 D_i + phi_2 D1 - c2 phi_3 D2 (see ``dpmpp_weights``).
+
+    ``third_order`` "reference" (c2 = 1, as DPM-Solver, k-diffusion and diffusers) is globally second order: it
+    weights D2 by half its exact value (measured order 2.0; at few steps it is the more accurate one), "exact"
+    (c2 = 2, the quadratic through D_i, D_{i-1}, D_{i-2} integrated exactly) is third order (measured 3.0).
+    Warm-up: DDIM, then a 2M step of ``solver_type`` (DPM-Solver's default "midpoint"; k-diffusion's
+    dpmpp_3m_sde uses "heun"). ``lower_order_final`` "reference": DPM-Solver's rule (N <= 10).
+    N steps, N NFE; the final step to 0 returns D.
+    """
+
+    name: ClassVar[str] = "dpmpp_3m"
+    order: ClassVar[int] = 3
+    solver_type: str = "midpoint"
+    third_order: str = "reference"
+    lower_order_final: str = "reference"
 
 
 @SOLVERS.register
@@ -269,24 +431,29 @@ class UniPC(ExponentialMultistep):
     ``variant`` picks B(h) for the two-node rules (UniP-2, UniC-1): "bh1" B(h) = h, "bh2" B(h) = e^h - 1 (in the
     data-prediction sign convention 1 - e^-h); with more nodes the coefficients are solved exactly and B(h) cancels.
     The corrector is skipped after churn (the step no longer starts where the previous one ended) and on the final
-    step, whose output D(y_{N-1}) does not depend on y_{N-1}'s correction. ``lower_order_final`` as in dpmpp
-    (UniPC's code applies it at any step count; we use DPM-Solver's threshold of 15 so that the order holds as N
-    grows). One evaluation per step: N steps, N NFE.
+    step, whose output D(y_{N-1}) does not depend on y_{N-1}'s correction. ``lower_order_final`` "reference":
+    UniPC's reference code (uni_pc.py) and diffusers' UniPCMultistepScheduler lower the last steps at every N.
+    One evaluation per step: N steps, N NFE.
     """
 
     name: ClassVar[str] = "unipc"
     corrects: ClassVar[bool] = True
+    reference_rule: ClassVar[tuple[float, str]] = (math.inf, "UniPC")
     order: int = 3
     variant: str = "bh2"
-    lower_order_final: bool = True
+    lower_order_final: str = "reference"
 
     def __post_init__(self):
-        check_order(self.name, self.order, 3)
+        super().__post_init__()
         if self.variant not in ("bh1", "bh2"):
             raise ConfigError(f"unipc variant must be 'bh1' or 'bh2', got {self.variant!r}")
 
     def b(self, h):
+        """UniPC's B(h) for the two-node rules."""
         return h if self.variant == "bh1" else -math.expm1(-h)
+
+    def predictor(self, nodes, h, sigma, sigma_to):
+        return Update(sigma_to / sigma, exponential_weights(nodes, h, self.b(h)))
 
 
 # ---------------------------------------------------------------------------------------------------------------

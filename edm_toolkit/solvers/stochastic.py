@@ -8,6 +8,8 @@ Steps to sigma = 0 add no noise and draw none.
 EDM churn (applied by the loop before each step) can be combined with the single-step samplers
 (``euler_ancestral``, ``restart``: ``accepts_churn = True``) but not with the multistep DPM-Solver++ SDE samplers,
 whose history assumes that each step starts where the previous one ended; they raise ConfigError when it does not.
+The DPM-Solver++ SDE samplers share their coefficients and multistep machinery with the ODE solvers dpmpp_2m and
+dpmpp_3m (multistep.py): at eta = 0 they are those solvers.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from ..discretizations import EDMDiscretization
 from ..errors import ConfigError
 from .base import SOLVERS, ODEPoint, Solver
+from .multistep import DPMSolverPPFamily
 from .ode import Heun
 
 _HEUN = Heun()
@@ -42,42 +45,25 @@ def ancestral_split(sigma_from: float, sigma_to: float, eta: float) -> tuple[flo
     return math.sqrt(sigma_to**2 - sigma_up**2), sigma_up
 
 
-def exponential_integrator_phis(z: float) -> tuple[float, float, float]:
-    """(phi_1, phi_2, phi_3) of the data-prediction exponential integrator over a log-sigma step of rate z.
-
-    phi_1 = 1 - e^-z weighs D itself, phi_2 = 1 - phi_1/z its first difference and phi_3 = phi_2/z - 1/2 its second
-    (DPM-Solver++, Lu et al. 2022, Sec. 4, with z = (1 + eta) h for the SDE; k-diffusion's phi_2 and phi_3).
-    """
-    phi_1 = -math.expm1(-z)
-    phi_2 = 1 - phi_1 / z
-    return phi_1, phi_2, phi_2 / z - 0.5
-
-
 @dataclass(frozen=True, slots=True)
 class _Update:
-    """x_next = x_coef x_hat + d_coef D_0 + sum_k diff_coefs[k] (D_k - D_{k+1}) + noise_std eps, where D_0 = D(x_hat)
-    and D_k is the denoised image of k steps ago."""
+    """x_next = x_coef x_hat + d_coef D(x_hat) + noise_std eps."""
 
     point: ODEPoint
     x_coef: float
     d_coef: float
-    diff_coefs: tuple[float, ...]
     noise_std: float
-
-
-# An update in terms of noise levels: y_next = c_y y + c_D D + sum_k diffs[k] (D_k - D_{k+1}) + c_eps eps, y = x/s.
-_LevelUpdate = tuple[float, float, tuple[float, ...], float]
 
 
 @dataclass(frozen=True)
 class _DenoisedUpdateSolver(Solver):
-    """A step of one network evaluation whose result is linear in x/s, D (and earlier D) and fresh noise.
+    """A step of one network evaluation whose result is linear in x/s, D and fresh noise.
 
-    Subclasses give that update in terms of the noise levels only (``_level_updates``); ``prepare`` maps it onto
-    the loop's scaled x = s(t) x/s, which is what makes the samplers independent of the schedule and scaling.
+    Subclasses give that update in terms of the noise levels only (``_level_updates``: (c_y, c_D, c_eps) with
+    y_next = c_y y + c_D D + c_eps eps, y = x/s); ``prepare`` maps it onto the loop's scaled x = s(t) x/s, which is
+    what makes the samplers independent of the schedule and scaling.
     """
 
-    history: ClassVar[int] = 0  # how many earlier denoised images the update uses
     accepts_churn: ClassVar[bool] = True
 
     eta: float = 1.0
@@ -90,32 +76,21 @@ class _DenoisedUpdateSolver(Solver):
     def evaluations(self, num_steps):
         return num_steps
 
-    def _level_updates(self, sigma: Sequence[float], sigma_next: Sequence[float]) -> list[_LevelUpdate]:
+    def _level_updates(self, sigma: Sequence[float], sigma_next: Sequence[float]) -> list[tuple[float, float, float]]:
         raise NotImplementedError
 
     def prepare(self, ode, t_hat, t_next, device):
-        if not self.accepts_churn and not torch.equal(t_hat[1:], t_next[:-1]):
-            raise ConfigError(
-                f"solver {self.name!r} is multistep and cannot take EDM churn (S_churn > 0): its steps must start "
-                f"where the previous one ended; set S_churn to 0 (eta sets this sampler's own noise)"
-            )
         points = ode.points(t_hat, device)
         sigma_next, s_next = ode.sigma(t_next).tolist(), ode.s(t_next).tolist()
         updates = self._level_updates([p.sigma for p in points], sigma_next)
         return [
-            _Update(p, s * p.inv_s * c_y, s * c_d, tuple(s * c for c in diffs), s * c_eps * self.s_noise)
-            for p, s, (c_y, c_d, diffs, c_eps) in zip(points, s_next, updates)
+            _Update(p, s * p.inv_s * c_y, s * c_d, s * c_eps * self.s_noise)
+            for p, s, (c_y, c_d, c_eps) in zip(points, s_next, updates)
         ]
 
     def step(self, x_hat, record, ctx):
         D = ctx.denoise(x_hat, record.point)
         x = torch.mul(x_hat, record.x_coef).add_(D, alpha=record.d_coef)
-        if self.history:
-            past = ctx.state.setdefault("denoised_history", [])  # most recent first
-            for coef, newer, older in zip(record.diff_coefs, [D, *past], past):
-                x.add_(newer - older, alpha=coef)
-            past.insert(0, D)
-            del past[self.history:]
         if record.noise_std:
             x.add_(ctx.randn_like(x), alpha=record.noise_std)
         return x
@@ -138,44 +113,39 @@ class EulerAncestral(_DenoisedUpdateSolver):
         updates = []
         for s, s_next in zip(sigma, sigma_next):
             sigma_down, sigma_up = ancestral_split(s, s_next, self.eta)
-            updates.append((sigma_down / s, 1 - sigma_down / s, (), sigma_up))
+            updates.append((sigma_down / s, 1 - sigma_down / s, sigma_up))
         return updates
 
 
 @dataclass(frozen=True)
-class _DPMSolverSDE(_DenoisedUpdateSolver):
+class _DPMSolverSDE(DPMSolverPPFamily):
     """DPM-Solver++ SDE (Lu et al. 2022, "DPM-Solver++"; k-diffusion's dpmpp_2m_sde/dpmpp_3m_sde) in data prediction.
 
     With h = log(sigma/sigma_next) and z = (1 + eta) h, a step is exact for the SDE given a constant D:
-    y_next = (sigma_next/sigma) e^(-eta h) y + phi_1(z) D + sigma_next sqrt(1 - e^(-2 eta h)) eps, plus multistep
-    corrections from earlier denoised images. eta = 0 is the deterministic DPM-Solver++(2M/3M). The last step, to
-    sigma = 0, returns D. Multistep: cannot take EDM churn.
+    y_next = (sigma_next/sigma) e^(-eta h) y + phi_1(z) D + sigma_next sqrt(1 - e^(-2 eta h)) s_noise eps, plus the
+    multistep corrections from earlier denoised images (``dpmpp_weights`` with z). eta = 0 is the deterministic
+    DPM-Solver++(2M/3M). The last step, to sigma = 0, returns D. Multistep: cannot take EDM churn.
+    ``lower_order_final`` "reference" is k-diffusion's rule: never (only the warm-up is lower order).
     """
 
     accepts_churn: ClassVar[bool] = False
+    reference_rule: ClassVar[tuple[float, str]] = (0, "k-diffusion")
 
-    def _corrections(self, z: float, ratios: tuple[float, ...]) -> tuple[float, ...]:
-        """Coefficients of the differences of D, given r_k = h_{i-k}/h_i for the usable earlier steps."""
-        raise NotImplementedError
+    eta: float = 1.0
+    s_noise: float = 1.0
 
-    def _level_updates(self, sigma, sigma_next):
-        updates, h_past = [], []  # h of the earlier steps, most recent first, reset by a zero-length step
-        for s, s_next in zip(sigma, sigma_next):
-            if s_next == 0:
-                updates.append((0.0, 1.0, (), 0.0))
-                continue
-            h = math.log(s / s_next)
-            if h == 0:  # a repeated noise level (e.g. a rounded grid): nothing to integrate
-                updates.append((1.0, 0.0, (), 0.0))
-                h_past = []
-                continue
-            ratios = tuple(h_k / h for h_k in h_past[: self.history])
-            z = (1 + self.eta) * h
-            noise = s_next * math.sqrt(-math.expm1(-2 * self.eta * h))
-            c_y = s_next / s * math.exp(-self.eta * h)
-            updates.append((c_y, exponential_integrator_phis(z)[0], self._corrections(z, ratios), noise))
-            h_past.insert(0, h)
-        return updates
+    def __post_init__(self):
+        super().__post_init__()
+        _check_nonnegative(self.name, "eta", self.eta)
+        _check_nonnegative(self.name, "s_noise", self.s_noise)
+
+    def prepare(self, ode, t_hat, t_next, device):
+        if not torch.equal(t_hat[1:], t_next[:-1]):
+            raise ConfigError(
+                f"solver {self.name!r} is multistep and cannot take EDM churn (S_churn > 0): its steps must start "
+                f"where the previous one ended; set S_churn to 0 (eta sets this sampler's own noise)"
+            )
+        return super().prepare(ode, t_hat, t_next, device)
 
 
 @SOLVERS.register
@@ -184,45 +154,30 @@ class DPMSolverPP2MSDE(_DPMSolverSDE):
     """DPM-Solver++(2M) SDE: second-order multistep, one evaluation per step (k-diffusion's dpmpp_2m_sde).
 
     The first difference D - D_prev is weighted 0.5 phi_1(z)/r (``solver_type='midpoint'``) or phi_2(z)/r
-    (``'heun'``), r = h_prev/h. Options ``eta`` (noise strength, 0 = ODE), ``s_noise``. Cannot take EDM churn.
+    (``'heun'``), r = h_prev/h. Options ``eta`` (noise strength, 0 = dpmpp_2m), ``s_noise``, ``lower_order_final``.
+    Cannot take EDM churn.
     """
 
     name: ClassVar[str] = "dpmpp_2m_sde"
     order: ClassVar[int] = 2
-    history: ClassVar[int] = 1
     solver_type: str = "midpoint"
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.solver_type not in ("midpoint", "heun"):
-            raise ConfigError(f"dpmpp_2m_sde solver_type must be 'midpoint' or 'heun', got {self.solver_type!r}")
-
-    def _corrections(self, z, ratios):
-        if not ratios:
-            return ()
-        phi_1, phi_2, _ = exponential_integrator_phis(z)
-        return ((0.5 * phi_1 if self.solver_type == "midpoint" else phi_2) / ratios[0],)
+    lower_order_final: str = "reference"
 
 
 @SOLVERS.register
 @dataclass(frozen=True)
 class DPMSolverPP3MSDE(_DPMSolverSDE):
-    """DPM-Solver++(3M) SDE: third-order multistep, one evaluation per step (k-diffusion's dpmpp_3m_sde); its first
-    steps are first and second order while the history fills. Options ``eta``, ``s_noise``. Cannot take EDM churn.
+    """DPM-Solver++(3M) SDE: multistep, one evaluation per step (k-diffusion's dpmpp_3m_sde); its first steps are
+    first and second order (the latter with phi_2, "heun") while the history fills. ``third_order`` as in dpmpp_3m
+    ("reference", k-diffusion's phi_3 weighting, is second order; "exact" third). Options ``eta`` (0 = dpmpp_3m with
+    solver_type "heun"), ``s_noise``, ``third_order``, ``lower_order_final``. Cannot take EDM churn.
     """
 
     name: ClassVar[str] = "dpmpp_3m_sde"
     order: ClassVar[int] = 3
-    history: ClassVar[int] = 2
-
-    def _corrections(self, z, ratios):
-        _, phi_2, phi_3 = exponential_integrator_phis(z)
-        if len(ratios) < 2:
-            return tuple(phi_2 / r for r in ratios)
-        # phi_2 d1 - phi_3 d2 with d1_0 = (D - D_1)/r0, d1_1 = (D_1 - D_2)/r1, d1 = d1_0 + (d1_0 - d1_1) r0/(r0 + r1)
-        # and d2 = (d1_0 - d1_1)/(r0 + r1), regrouped by the differences D - D_1 and D_1 - D_2.
-        r0, r1 = ratios
-        return ((phi_2 * (1 + r0 / (r0 + r1)) - phi_3 / (r0 + r1)) / r0, (phi_3 - phi_2 * r0) / ((r0 + r1) * r1))
+    solver_type: ClassVar[str] = "heun"
+    third_order: str = "reference"
+    lower_order_final: str = "reference"
 
 
 @dataclass(frozen=True, slots=True)
