@@ -12,6 +12,7 @@ import torch
 from edm_toolkit.errors import ConfigError
 from edm_toolkit.ideal import IdealDenoiser, solve_pf_ode
 from edm_toolkit.precond import IDDPMPrecond, VPPrecond
+from edm_toolkit.protocol import DenoiserWrapper
 from edm_toolkit.sampling import Churn, Sampler
 from edm_toolkit.solvers import SOLVERS
 from edm_toolkit.solvers.multistep import (dpmpp_weights, exponential_weights, integrate_basis, phi_functions,
@@ -151,18 +152,20 @@ RUN_SETTINGS = {
 }
 
 
-class Counting:
+class Counting(DenoiserWrapper):
     """The ideal denoiser behind a preconditioner's sigma range and round_sigma (VP range, iDDPM's grid)."""
 
-    def __init__(self, precond=None):
-        self.calls = 0
-        self.sigma_min = NET.sigma_min if precond is None else precond.sigma_min
-        self.sigma_max = NET.sigma_max if precond is None else precond.sigma_max
-        self.round_sigma = NET.round_sigma if precond is None else precond.round_sigma
+    sigma_min = sigma_max = None  # instance values below, in place of the wrapped denoiser's
 
-    def __call__(self, x, sigma, labels=None):
+    def __init__(self, precond=None):
+        super().__init__(NET)
+        self.calls = 0
+        source = NET if precond is None else precond
+        self.sigma_min, self.sigma_max, self.round_sigma = source.sigma_min, source.sigma_max, source.round_sigma
+
+    def forward(self, x, sigma, labels=None):
         self.calls += 1
-        return NET(x, sigma, labels)
+        return self.denoiser(x, sigma, labels)
 
 
 @pytest.mark.parametrize("setting", list(RUN_SETTINGS))

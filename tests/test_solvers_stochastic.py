@@ -11,6 +11,7 @@ from edm_toolkit.errors import ConfigError
 from edm_toolkit.generate import sample_batch
 from edm_toolkit.ideal import IdealDenoiser
 from edm_toolkit.precond import IDDPMPrecond, VEPrecond, VPPrecond
+from edm_toolkit.protocol import DenoiserWrapper
 from edm_toolkit.sampling import Churn, Sampler
 from edm_toolkit.schedules import LinearSchedule, NoScaling
 from edm_toolkit.solvers import SOLVERS, ProbabilityFlowODE
@@ -32,21 +33,23 @@ MIXTURE = IdealDenoiser(torch.randn(5, 3, 4, 4, generator=_gen, dtype=torch.floa
 LATENTS = torch.randn(3, 3, 4, 4, generator=_gen, dtype=torch.float64)
 
 
-class Counting:
+class Counting(DenoiserWrapper):
     """A denoiser wrapper that counts calls and records the noise levels it is given."""
 
     def __init__(self, net):
-        self.net, self.calls, self.sigmas = net, 0, []
-        self.sigma_min, self.sigma_max, self.round_sigma = net.sigma_min, net.sigma_max, net.round_sigma
+        super().__init__(net)
+        self.calls, self.sigmas = 0, []
 
-    def __call__(self, x, sigma, class_labels=None):
+    def forward(self, x, sigma, class_labels=None):
         self.calls += 1
         self.sigmas.append(float(sigma))
-        return self.net(x, sigma, class_labels)
+        return self.denoiser(x, sigma, class_labels)
 
 
 class OnGrid(Counting):
     """The ideal denoiser behind a real preconditioner's sigma range and round_sigma (VP range, iDDPM's grid)."""
+
+    sigma_min = sigma_max = None  # instance values below, in place of the wrapped denoiser's
 
     def __init__(self, net, precond):
         super().__init__(net)
