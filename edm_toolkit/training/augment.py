@@ -1,4 +1,4 @@
-"""Non-leaking geometric augmentation with augment labels (EDM's AugmentPipe, Karras et al. 2022, Appendix F.2).
+"""Non-leaking geometric augmentation with augment labels (Karras et al. 2022; NVlabs/edm training/augment.py).
 
 Each image is flipped, scaled, rotated, stretched and translated with probability ``p`` per transform, and the
 network is told what was done through a 9-dim augment label; at sampling time the label is zero (the
@@ -10,9 +10,10 @@ leak into the generated images. The label layout (``augment_dim = 9``):
     5 w_a cos(r)        6 w_a sin(r)        (stretch 2^(aniso_std w_a) along (cos r, -sin r), 1/that across)
     7 w_x               8 w_y               (content shift w_x W translate_frac_std, w_y H translate_frac_std px)
 
-A disabled transform (multiplier 0) keeps its columns at zero, so the layout never changes. As in EDM, labels 5
-and 6 are the same for (w_a, r) and (-w_a, r +- pi), which are inverse stretches: the labels alone do not always
-determine the transform; ``AugmentTransforms`` keeps the transform itself.
+The content is flipped, then scaled, rotated, stretched and translated, in this order. A disabled transform
+(multiplier 0) keeps its columns at zero, so the layout never changes. As in EDM, labels 5 and 6 are the same for
+(w_a, r) and (-w_a, r +- pi), which are inverse stretches: the labels alone do not always determine the
+transform; ``AugmentTransforms`` keeps the transform itself.
 
 The work is split in three steps, each usable alone:
 ``AugmentPipe.draw`` (every random number, in EDM's order) -> ``AugmentPipe.select`` (the gates with probability
