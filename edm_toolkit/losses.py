@@ -5,7 +5,8 @@ The per-element loss of a denoiser D on clean images y is (EDM Eq. 8)
     lambda(sigma) (D(y + n; sigma) - y)^2,   n ~ N(0, sigma^2 I),   sigma ~ p_train.
 
 Each loss is a small class with the closed forms ``sample_sigma`` and ``weight``; calling it returns the
-per-element loss of any denoiser on a batch, so any backbone can be trained in a user's own loop.
+per-element loss of any denoiser on a batch, so any backbone can be trained in a user's own loop, and ``loss``
+evaluates it for given sigma and noise.
 """
 
 from __future__ import annotations
@@ -36,10 +37,18 @@ class DenoisingLoss:
         raise NotImplementedError
 
     def __call__(self, net, images, labels=None, augment_pipe=None, generator: torch.Generator | None = None):
-        """Per-element loss [N, C, H, W]. Draw order as EDM: sigma, then augmentation, then the noise n."""
+        """Per-element loss [N, C, H, W] of a freshly drawn sigma and noise, in EDM's draw order: sigma, then the
+        augmentation ``augment_pipe(images, generator=generator) -> (y, augment_labels)`` (e.g.
+        ``edm_toolkit.training.augment.AugmentPipe``), then the noise n. From ``generator``, or the global RNG
+        when None (then ``torch.manual_seed(s)`` reproduces EDM's loss call)."""
         sigma = self.sample_sigma(images.shape[0], generator, images.device)
-        y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+        y, augment_labels = (images, None) if augment_pipe is None else augment_pipe(images, generator=generator)
         n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype) * sigma
+        return self.loss(net, y, sigma, n, labels, augment_labels)
+
+    def loss(self, net, y, sigma, n, labels=None, augment_labels=None) -> torch.Tensor:
+        """lambda(sigma) (D(y + n; sigma) - y)^2 per element for given clean images y, noise levels sigma
+        [N, 1, 1, 1] and noise n (standard deviation sigma); augment labels, when given, go to the network."""
         extra = {} if augment_labels is None else {"augment_labels": augment_labels}
         D_yn = net(y + n, sigma, labels, **extra)
         return self.weight(sigma) * (D_yn - y) ** 2
