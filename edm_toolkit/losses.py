@@ -11,7 +11,6 @@ evaluates it for given sigma and noise.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -20,6 +19,7 @@ import torch
 from .discretizations import iddpm_sigma_table
 from .errors import ConfigError
 from .registry import Registry
+from .schedules import vp_sigma
 
 LOSSES: Registry["DenoisingLoss"] = Registry("loss")
 
@@ -94,8 +94,7 @@ class VPLoss(DenoisingLoss):
             raise ConfigError(f"vp loss needs beta_d > 0 and 0 < epsilon_t < 1, got {self.beta_d}, {self.epsilon_t}")
 
     def sigma(self, t):
-        t = torch.as_tensor(t)
-        return ((0.5 * self.beta_d * (t**2) + self.beta_min * t).exp() - 1).sqrt()
+        return vp_sigma(t, self.beta_d, self.beta_min)
 
     def sample_sigma(self, batch, generator=None, device="cpu"):
         return self.sigma(1 + _uniform(batch, generator, device) * (self.epsilon_t - 1))

@@ -1,6 +1,5 @@
 """The generic wrapper: eps-, x0-, v- and score-prediction networks become the same EDM denoiser."""
 
-import math
 
 import pytest
 import torch

@@ -119,7 +119,7 @@ def report(table, ovh, command):
              "Median over 32 seeds of the RMS error of x/s at sigma_min against the exact PF-ODE solution, ideal "
              "denoiser of the built-in 64-image set, schedule sigma(t) = t, no scaling. Each cell is the error of the "
              "run with the most steps whose cost is at most that many network evaluations.", "",
-             f"![error versus NFE, edm discretization](solvers_edm.png)", ""]
+             "![error versus NFE, edm discretization](solvers_edm.png)", ""]
     for disc in discs:
         lines += [f"**{disc} discretization**", "", "| solver | " + " | ".join(f"NFE {t}" for t in NFE_TARGETS) + " |",
                   "|---|" + "---:|" * len(NFE_TARGETS)]

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
-from torch import nn
 
 from ..checkpoints import build_backbone, register_model_type
 from ..errors import CheckpointError, ConfigError
