@@ -9,7 +9,6 @@ object, and .npz arrays are parsed from their .npy headers (object arrays refuse
 from __future__ import annotations
 
 import gzip
-import io
 import pickle
 import re
 import tarfile
@@ -21,7 +20,7 @@ from typing import IO, Callable, Iterator, Protocol
 import numpy as np
 
 from ..errors import EDMToolkitError
-from .dataset import ImageStore, decode_image, is_power_of_two
+from .dataset import ImageStore, decode_image
 
 @dataclass(frozen=True)
 class SourceImage:
