@@ -153,3 +153,5 @@ def test_ode_likelihood_errors():
     net, _, _, x = gaussian_data()
     with pytest.raises(ConfigError, match="probes must be shaped like the images"):
         ProbabilityFlowLikelihood()(net, x, probe=torch.ones(1))
+    with pytest.raises(ConfigError, match="needed more than 5 evaluations"):
+        ProbabilityFlowLikelihood(max_evaluations=5)(net, x)

@@ -163,6 +163,7 @@ class ProbabilityFlowLikelihood:
     rtol: float = 1e-5
     atol: float = 1e-5
     method: str = "RK45"
+    max_evaluations: int = 10_000
 
     def __post_init__(self):
         object.__setattr__(self, "schedule", SCHEDULES.create(self.schedule))
@@ -173,6 +174,9 @@ class ProbabilityFlowLikelihood:
             raise ConfigError(f"unknown trace estimator {self.estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
         if not (self.rtol > 0 and self.atol > 0):
             raise ConfigError(f"rtol and atol must be > 0, got {self.rtol}, {self.atol}")
+        if isinstance(self.max_evaluations, bool) or not (isinstance(self.max_evaluations, int)
+                                                          and self.max_evaluations > 0):
+            raise ConfigError(f"max_evaluations must be a positive integer, got {self.max_evaluations!r}")
         if self.method not in ("RK45", "RK23", "DOP853"):
             raise ConfigError(f"unknown ODE method {self.method!r}; choose RK45 (score_sde's), RK23 or DOP853")
 
@@ -199,7 +203,8 @@ class ProbabilityFlowLikelihood:
                  probe: torch.Tensor | None = None,
                  progress: Callable[[float, int], None] | None = None) -> ODELikelihoodResult:
         """log p_{sigma_min}(x) per image (nats). ``probe``: the Hutchinson probes, shaped like x (default: drawn
-        from the global RNG, :meth:`probe`); ``progress(fraction, nfe)`` after every evaluation."""
+        from the global RNG, :meth:`probe`); ``progress(sigma, nfe)`` after every evaluation. A solve that needs
+        more than ``max_evaluations`` evaluations stops with a :class:`ConfigError`."""
         from scipy.integrate import solve_ivp
 
         if self.estimator == "exact":
@@ -218,6 +223,8 @@ class ProbabilityFlowLikelihood:
 
         def rhs(t: float, state: np.ndarray) -> np.ndarray:
             nonlocal nfe
+            if nfe == self.max_evaluations:
+                raise _TooManyEvaluations
             nfe += 1
             point = ode.points(torch.tensor([t], dtype=torch.float64), device)[0]
             x_t = torch.from_numpy(state[:-batch]).reshape(shape).to(device)
@@ -225,12 +232,17 @@ class ProbabilityFlowLikelihood:
             dx = point.a * (x_t - point.c * D)
             divergence = point.a * (dims - point.c * point.inv_s * trace)
             if progress is not None:
-                progress((t - t_min) / (t_max - t_min), nfe)
+                progress(point.sigma, nfe)
             return np.concatenate([dx.flatten().cpu().numpy(), divergence.cpu().numpy()])
 
         s_min, s_max = (float(ode.s(torch.tensor(t, dtype=torch.float64))) for t in (t_min, t_max))
         start = np.concatenate([(x.to(torch.float64) * s_min).flatten().cpu().numpy(), np.zeros(batch)])
-        solution = solve_ivp(rhs, (t_min, t_max), start, method=self.method, rtol=self.rtol, atol=self.atol)
+        try:
+            solution = solve_ivp(rhs, (t_min, t_max), start, method=self.method, rtol=self.rtol, atol=self.atol)
+        except _TooManyEvaluations:
+            raise ConfigError(f"the probability-flow ODE solve needed more than {self.max_evaluations} evaluations "
+                              f"(stiff near sigma_min = {self.sigma_min:g}?); raise sigma_min, loosen rtol/atol or "
+                              "allow more evaluations") from None
         if not solution.success:
             raise ConfigError(f"the probability-flow ODE solve failed ({solution.message}); try a smaller sigma_max "
                               "or looser tolerances")
@@ -241,6 +253,10 @@ class ProbabilityFlowLikelihood:
                       - dims * (math.log(prior_std) + 0.5 * math.log(2 * math.pi)))
         delta_logp = end[-batch:] + dims * math.log(s_min)
         return ODELikelihoodResult(prior_logp + delta_logp, prior_logp, delta_logp, z, nfe)
+
+
+class _TooManyEvaluations(Exception):
+    pass
 
 
 def _denoise_with_trace(net, x_hat: torch.Tensor, sigma, class_labels, probe: torch.Tensor | None):
