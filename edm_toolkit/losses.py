@@ -215,9 +215,19 @@ class StepSampler:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"num_timesteps": torch.tensor(self.num_timesteps)}
 
+    def state_layout(self, num_timesteps: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The keys of :meth:`state_dict` with their shapes and dtypes, for a grid of ``num_timesteps`` steps."""
+        return {"num_timesteps": ((), torch.int64)}
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        _check_state(state, {"num_timesteps": ((), torch.int64)}, self.name)
-        self.num_timesteps = int(state["num_timesteps"])
+        """Restores :meth:`state_dict`; a state of another sampler or grid size is refused."""
+        steps = _check_state(state, {"num_timesteps": ((), torch.int64)}, self.name, exact=False)["num_timesteps"]
+        _check_state(state, self.state_layout(int(steps)), self.name)
+        self.num_timesteps = int(steps)
+        self._load(state)
+
+    def _load(self, state: dict[str, torch.Tensor]) -> None:
+        """Takes the checked state's tensors."""
 
 
 @STEP_SAMPLERS.register
@@ -270,21 +280,29 @@ class LossSecondMomentSampler(StepSampler):
         return {**super().state_dict(), "loss_history": self.loss_history.clone(),
                 "loss_counts": self.loss_counts.clone()}
 
-    def load_state_dict(self, state):
-        T = _check_state(state, {"num_timesteps": ((), torch.int64)}, self.name)["num_timesteps"]
-        _check_state(state, {"loss_history": ((int(T), self.history_per_term), torch.float64),
-                             "loss_counts": ((int(T),), torch.int64)}, self.name)
-        super().load_state_dict(state)
+    def state_layout(self, num_timesteps):
+        return {**super().state_layout(num_timesteps),
+                "loss_history": ((num_timesteps, self.history_per_term), torch.float64),
+                "loss_counts": ((num_timesteps,), torch.int64)}
+
+    def _load(self, state):
         self.loss_history = state["loss_history"].detach().to("cpu").clone()
         self.loss_counts = state["loss_counts"].detach().to("cpu").clone()
 
 
-def _check_state(state, expected: dict, what: str) -> dict:
+def _check_state(state, expected: dict, what: str, exact: bool = True) -> dict:
+    """``state`` if it holds the expected tensors (and, with ``exact``, nothing else), else a ConfigError."""
+    if not isinstance(state, dict):
+        raise ConfigError(f"a {what} schedule sampler state is a dict of tensors, got {type(state).__name__}")
+    extra = sorted(set(state) - set(expected)) if exact else []
     for key, (shape, dtype) in expected.items():
-        value = state.get(key) if isinstance(state, dict) else None
+        value = state.get(key)
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or value.dtype != dtype:
             raise ConfigError(f"the saved {what} schedule sampler state lacks a {dtype} tensor {key!r} of shape "
                               f"{list(shape)}; resume with the schedule sampler and model it was saved with")
+    if extra:
+        raise ConfigError(f"the saved schedule sampler state holds {extra[0]!r}, which the {what} sampler does not "
+                          "keep; resume with the schedule sampler it was saved with")
     return state
 
 
@@ -358,7 +376,8 @@ class DiscreteDiffusionLoss(TrainingLoss):
         if not state:
             object.__setattr__(self, "_sampler", None)
             return
-        T = _check_state(state, {"num_timesteps": ((), torch.int64)}, self.schedule_sampler)["num_timesteps"]
+        T = _check_state(state, {"num_timesteps": ((), torch.int64)}, self.schedule_sampler,
+                         exact=False)["num_timesteps"]
         sampler = STEP_SAMPLERS.get(self.schedule_sampler)(int(T))
         sampler.load_state_dict(state)
         object.__setattr__(self, "_sampler", sampler)

@@ -205,4 +205,34 @@ def test_bad_input_gets_one_line_errors():
     with pytest.raises(ConfigError, match="resume with the schedule sampler"):
         LOSSES.create({"name": "iddpm-hybrid", "schedule_sampler": "loss-second-moment"}).load_state_dict(
             {"num_timesteps": torch.tensor(4), "loss_history": torch.zeros(3, 10, dtype=torch.float64)})
+    uniform = LOSSES.create("iddpm-hybrid")
+    with pytest.raises(ConfigError, match="holds 'loss_counts', which the uniform sampler does not keep"):
+        uniform.load_state_dict(LossSecondMomentSampler(4).state_dict())
     assert STEP_SAMPLERS.names() == ["uniform", "loss-second-moment"]
+
+
+def _update_in_process(rank, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        rows = {0: ([0, 1, 1], [1.0, 2.0, 3.0]), 1: ([3, 0], [4.0, 5.0])}[rank]  # unequal batches
+        sampler = LossSecondMomentSampler(4)
+        sampler.update(torch.tensor(rows[0]), torch.tensor(rows[1], dtype=torch.float32))
+        torch.save(sampler.state_dict(), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes: about 12 s on two cores
+def test_second_moment_state_is_the_same_on_every_process(tmp_path):
+    """Under torch.distributed every process records every process's losses, in rank order (the original's
+    update_with_local_losses), so that all draw from the same p_t."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_update_in_process, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    expected = LossSecondMomentSampler(4)
+    expected.update(torch.tensor([0, 1, 1, 3, 0]), torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
+    for state in states:
+        assert all(torch.equal(state[k], v) for k, v in expected.state_dict().items())
