@@ -1,4 +1,5 @@
-"""Discrete-time Gaussian diffusion (DDPM, iDDPM, ADM): a model's own step grid, its beta schedules, respacing.
+"""Discrete-time Gaussian diffusion (DDPM, iDDPM, ADM): a model's own step grid, its beta schedules, respacing,
+and the Gaussian algebra of its variational bound.
 
 A model trained on T steps has abar_t = prod_{s<=t} (1 - beta_s), t = 0..T-1; in EDM's terms (Karras et al.
 2022, Table 1, VP scaling) step t is the noise level sigma_t = sqrt((1 - abar_t)/abar_t), and its input
@@ -6,6 +7,14 @@ x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps is EDM's x = x_0 + sigma_t eps sca
 :class:`StepGrid` is that grid as a capability of the denoiser protocol (:mod:`edm_toolkit.protocol`): what the
 original samplers (``ddpm``, ``ddim`` in :mod:`edm_toolkit.solvers.discrete`) and classifier guidance need.
 Respacing (Nichol & Dhariwal 2021, Sec. 4) keeps a subset of the steps (:func:`space_timesteps`).
+
+The variational bound (Ho et al. 2020, Eq. 5; Nichol & Dhariwal 2021, Eq. 4-6) is written once here, for the
+training losses (:mod:`edm_toolkit.losses`, iddpm-*) and the bits/dim evaluation
+(:mod:`edm_toolkit.metrics.likelihood`): the posterior q(x_{t-1} | x_t, x_0) (:meth:`StepGrid.posterior_mean`,
+:attr:`StepGrid.posterior_log_variance_clipped`), p's variance (:meth:`StepGrid.model_log_variance`),
+:func:`normal_kl`, the discretised Gaussian decoder :func:`discretized_gaussian_log_likelihood`, and the terms
+L_{t-1} (:func:`vlb_terms`) and L_T (:func:`prior_kl`) per element. A denoiser's D(x; sigma_t) is p's prediction
+of x_0, so p's mean is the posterior mean at x_0 = D.
 """
 
 from __future__ import annotations
@@ -19,8 +28,9 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["MAX_TIMESTEPS", "NOISE_SCHEDULES", "VARIANCES", "StepGrid", "named_beta_schedule", "nearest_index",
-           "respaced_count", "space_timesteps"]
+__all__ = ["MAX_TIMESTEPS", "NOISE_SCHEDULES", "VARIANCES", "StepGrid", "discretized_gaussian_log_likelihood",
+           "named_beta_schedule", "nearest_index", "normal_kl", "prior_kl", "respaced_count", "space_timesteps",
+           "vlb_terms"]
 
 NOISE_SCHEDULES = ("linear", "cosine")
 VARIANCES = ("learned", "small", "large")
@@ -81,6 +91,134 @@ class StepGrid:
     def index(self, sigma: torch.Tensor) -> torch.Tensor:
         """The step t whose level is nearest to each sigma (int64)."""
         return nearest_index(sigma, self.sigmas)
+
+    # The tables of the original's GaussianDiffusion (float64), computed from abar alone: a respaced chain is the
+    # grid of its kept abar (SpacedDiffusion recomputes its betas the same way).
+
+    @cached_property
+    def alphas_cumprod_prev(self) -> torch.Tensor:
+        """abar_{t-1}, with abar_{-1} = 1."""
+        return torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+
+    @cached_property
+    def betas(self) -> torch.Tensor:
+        """beta_t = 1 - abar_t/abar_{t-1}."""
+        return 1 - self.alphas_cumprod / self.alphas_cumprod_prev
+
+    @cached_property
+    def posterior_variance(self) -> torch.Tensor:
+        """beta_tilde_t = beta_t (1 - abar_{t-1})/(1 - abar_t), the variance of q(x_{t-1} | x_t, x_0) (Ho et al.
+        2020, Eq. 7); 0 at t = 0."""
+        return self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+
+    @cached_property
+    def posterior_log_variance_clipped(self) -> torch.Tensor:
+        """log beta_tilde_t with t = 0 taking beta_tilde_1, as the original (beta_tilde_0 = 0); a one-step grid has
+        no beta_tilde_1 and takes beta_0."""
+        first = self.posterior_variance[1:2] if self.num_timesteps > 1 else self.betas[:1]
+        return torch.cat([first, self.posterior_variance[1:]]).log()
+
+    @cached_property
+    def posterior_mean_coefs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_0, c_t): the posterior mean is c_0 x_0 + c_t x_t (Ho et al. 2020, Eq. 7); c_0 = 1, c_t = 0 at t = 0."""
+        coef_x0 = self.betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
+        coef_xt = (1 - self.alphas_cumprod_prev) * (1 - self.betas).sqrt() / (1 - self.alphas_cumprod)
+        return coef_x0, coef_xt
+
+    def fixed_log_variance(self, variance: str) -> torch.Tensor:
+        """log Sigma_t of a fixed reverse-process variance: 'small' is the clipped log beta_tilde_t, 'large' is
+        log beta_t with t = 0 taking beta_tilde_1 ("to get a better decoder log likelihood", the original)."""
+        if variance == "small":
+            return self.posterior_log_variance_clipped
+        if variance == "large":
+            return torch.cat([self.posterior_log_variance_clipped[:1], self.betas[1:].log()])
+        raise ConfigError(f"variance {variance!r} is not fixed; choose 'small' or 'large'")
+
+    def model_log_variance(self, t: torch.Tensor, variance: str, v: torch.Tensor | None = None,
+                           like: torch.Tensor | None = None) -> torch.Tensor:
+        """log Sigma_theta(x_t, t) of p(x_{t-1} | x_t) at steps ``t`` [N], shaped [N, 1, ...] like ``like`` (or v).
+
+        'learned': the learned range of Nichol & Dhariwal 2021, Eq. 15, log Sigma = frac log beta_t +
+        (1 - frac) log beta_tilde_t (clipped) with frac = (v + 1)/2 for the network's v; 'small'/'large': fixed
+        (:meth:`fixed_log_variance`). Tables are cast to the dtype of v (or ``like``), as the original casts its
+        float64 tables to the network's float32.
+        """
+        ref = v if v is not None else like
+        if variance == "learned":
+            if v is None:
+                raise ConfigError("a learned variance needs the network's variance output v")
+            max_log = _at(self.betas.log(), t, v)
+            min_log = _at(self.posterior_log_variance_clipped, t, v)
+            frac = (v + 1) / 2
+            return frac * max_log + (1 - frac) * min_log
+        return _at(self.fixed_log_variance(variance), t, ref)
+
+    def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The mean of q(x_{t-1} | x_t, x_0) in the VP space of x_t (Ho et al. 2020, Eq. 7)."""
+        coef_x0, coef_xt = self.posterior_mean_coefs
+        return _at(coef_x0, t, x0) * x0 + _at(coef_xt, t, x_t) * x_t
+
+
+def _at(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """table[t] shaped [N, 1, ..., 1] for broadcasting against ``like``, in its dtype and on its device."""
+    values = table[torch.as_tensor(t).reshape(-1).cpu()]
+    return values.reshape(-1, *[1] * (like.ndim - 1)).to(like.device, like.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The variational bound
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats (broadcasting)."""
+    logvar1, logvar2 = torch.as_tensor(logvar1), torch.as_tensor(logvar2)
+    return 0.5 * (-1.0 + logvar2 - logvar1 + (logvar1 - logvar2).exp() + (mean1 - mean2) ** 2 * (-logvar2).exp())
+
+
+def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation of the standard normal CDF that the original decoder uses (not erf)."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """log P(x) per element, in nats, of N(means, e^(2 log_scales)) discretised to 8-bit data in [-1, 1]
+    (Ho et al. 2020, Eq. 13): the mass of the bin [x - 1/255, x + 1/255], the outer bins reaching to -inf below
+    -0.999 and to +inf above 0.999; the normal CDF is the original's tanh approximation and every probability is
+    clamped at 1e-12 before its logarithm, as the original."""
+    centered = x - means
+    inv_std = (-log_scales).exp()
+    cdf_plus = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
+    log_one_minus_cdf_min = (1.0 - cdf_min).clamp(min=1e-12).log()
+    log_delta = (cdf_plus - cdf_min).clamp(min=1e-12).log()
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def vlb_terms(grid: StepGrid, x0: torch.Tensor, denoised: torch.Tensor, t: torch.Tensor,
+              log_variance: torch.Tensor) -> torch.Tensor:
+    """L_{t-1} per element, in bits, for clean images x0, p's prediction ``denoised`` = D(x_t; sigma_t) of x0 and
+    p's log variance: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0 and the decoder NLL
+    -log p(x_0 | x_1) (:func:`discretized_gaussian_log_likelihood`) for t = 0 (Nichol & Dhariwal 2021, Eq. 4-6).
+
+    The two means are posterior means at x_0 and at D (:meth:`StepGrid.posterior_mean`), so they differ by
+    c_0 (x_0 - D) whatever x_t is; at t = 0 p's mean is D itself (c_0 = 1, c_t = 0). The mean over a sample's
+    elements is the original's ``_vb_terms_bpd`` output.
+    """
+    coef_x0 = _at(grid.posterior_mean_coefs[0], t, denoised)
+    kl = normal_kl(coef_x0 * x0, _at(grid.posterior_log_variance_clipped, t, denoised), coef_x0 * denoised,
+                   log_variance)
+    decoder_nll = -discretized_gaussian_log_likelihood(x0, coef_x0 * denoised, 0.5 * log_variance)
+    first = (torch.as_tensor(t).reshape(-1, *[1] * (x0.ndim - 1)) == 0).to(x0.device)
+    return torch.where(first, decoder_nll, kl) / math.log(2.0)
+
+
+def prior_kl(grid: StepGrid, x0: torch.Tensor) -> torch.Tensor:
+    """L_T per element, in bits: KL(q(x_{T-1} | x_0) || N(0, I)) in the VP space (the original's ``_prior_bpd``)."""
+    last = torch.full([x0.shape[0]], grid.num_timesteps - 1, dtype=torch.int64)
+    mean = _at(grid.alphas_cumprod.sqrt(), last, x0) * x0
+    log_variance = _at((1 - grid.alphas_cumprod).log(), last, x0)
+    return normal_kl(mean, log_variance, 0.0, 0.0) / math.log(2.0)
 
 
 def named_beta_schedule(name: str, num_timesteps: int) -> torch.Tensor:

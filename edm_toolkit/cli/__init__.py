@@ -48,6 +48,7 @@ def main():
 from . import dataset as _dataset  # noqa: E402  (the subcommands)
 from . import files as _files  # noqa: E402
 from . import generate as _generate  # noqa: E402
+from . import nll as _nll  # noqa: E402
 from . import presets as _presets  # noqa: E402
 from . import solvers as _solvers  # noqa: E402
 
@@ -57,3 +58,4 @@ main.add_command(_files.inspect)
 main.add_command(_files.convert)
 main.add_command(_solvers.solvers)
 main.add_command(_dataset.dataset)
+main.add_command(_nll.nll)

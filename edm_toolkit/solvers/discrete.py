@@ -113,24 +113,22 @@ class _GridSolver(Solver):
         points = ode.points(t_hat, device)
         t_index = ode.grid.index(torch.tensor([p.sigma for p in points], dtype=torch.float64))
         # The chain's tables as the original's SpacedDiffusion computes them (float64): its betas from the model's
-        # abar, then its own abar as their cumulative product, in the order of the original indices.
+        # abar, then its own abar as their cumulative product (StepGrid.from_betas), in the order of the original
+        # indices; the records run the other way, from the highest level down.
         kept_abar = ode.grid.alphas_cumprod[t_index]
         beta = 1 - kept_abar / torch.cat([kept_abar[1:], torch.ones(1, dtype=torch.float64)])
-        abar = torch.cumprod((1 - beta).flip(0), dim=0).flip(0)
-        abar_prev = torch.cat([abar[1:], torch.ones(1, dtype=torch.float64)])
-        beta_tilde = beta * (1 - abar_prev) / (1 - abar)
-        # beta_tilde is 0 at the last step: the original takes the step before's value there (a one-step chain
-        # has none; its variance is never used, beta stands in).
-        last_tilde = beta_tilde[-2:-1] if len(beta) > 1 else beta[-1:]
-        clipped = torch.cat([beta_tilde[:-1], last_tilde])
+        chain = StepGrid.from_betas(beta.flip(0))
+        abar, abar_prev = chain.alphas_cumprod.flip(0), chain.alphas_cumprod_prev.flip(0)
+        coef_x0, coef_xt = (c.flip(0) for c in chain.posterior_mean_coefs)
         variance = self.variance_of(ode.grid)
-        fixed = torch.cat([beta[:-1], last_tilde]) if variance == "large" else clipped
+        # The clipped log beta_tilde (and 'large' at the last step) take the step before's beta_tilde (a one-step
+        # chain has none; its variance is never used, beta stands in).
+        log_fixed = chain.fixed_log_variance("large" if variance == "large" else "small").flip(0)
         s = self.ddim_noise(abar, abar_prev)
         columns = (points, ode.s(t_next).tolist(), t_index.tolist(), abar.sqrt().tolist(),
-                   abar_prev.sqrt().tolist(), (1 - abar).sqrt().tolist(),
-                   (beta * abar_prev.sqrt() / (1 - abar)).tolist(),
-                   ((1 - abar_prev) * (1 - beta).sqrt() / (1 - abar)).tolist(), fixed.tolist(),
-                   beta.log().tolist(), clipped.log().tolist(), s.tolist(),
+                   abar_prev.sqrt().tolist(), (1 - abar).sqrt().tolist(), coef_x0.tolist(), coef_xt.tolist(),
+                   log_fixed.exp().tolist(), chain.betas.log().flip(0).tolist(),
+                   chain.posterior_log_variance_clipped.flip(0).tolist(), s.tolist(),
                    (1 - abar_prev - s**2).clamp(min=0).sqrt().tolist())
         n = len(points)
         return [_GridStep(*row, last=i == n - 1, learned=variance == "learned") for i, row in enumerate(zip(*columns))]
