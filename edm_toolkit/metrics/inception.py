@@ -94,7 +94,7 @@ class ConvBN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.conv2d(x, self.weight, stride=self.stride, padding=self.padding)
-        x = F.batch_norm(x, self.mean, self.var, None, self.beta, False, 0.0, BN_EPS)
+        x = F.batch_norm(x, self.mean, self.var, None, self.beta, False, 0.0, 1e-3)  # BN_EPS (TorchScript-able)
         return F.relu(x)
 
 
