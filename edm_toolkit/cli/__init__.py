@@ -46,6 +46,7 @@ def main():
 
 
 from . import files as _files  # noqa: E402  (the subcommands)
+from . import fid as _fid  # noqa: E402
 from . import generate as _generate  # noqa: E402
 from . import presets as _presets  # noqa: E402
 from . import solvers as _solvers  # noqa: E402
@@ -55,3 +56,4 @@ main.add_command(_presets.presets)
 main.add_command(_files.inspect)
 main.add_command(_files.convert)
 main.add_command(_solvers.solvers)
+main.add_command(_fid.fid)
