@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def _folder_statistics(path, num, seed, batch_size, detector_path, device_name):
     """EDM's statistics of the images under ``path`` (``num`` of them chosen by ``seed``), torchrun-sharded."""
     import torch
 
-    from ..distributed import init_from_env, shutdown
+    from ..distributed import init_from_env, rank_batches, shutdown
     from ..generate import Progress
     from ..metrics.detector_files import find_detector, load_detector
     from ..metrics.image_files import ImageFolder, select_subset
@@ -96,10 +97,13 @@ def _folder_statistics(path, num, seed, batch_size, detector_path, device_name):
             if group.rank == 0:
                 click.echo(f"Loading the FID detector {str(detector_file.path)!r} ({detector_file.origin})", err=True)
             detector = load_detector(detector_file.path, device)
+            share = sum(map(len, rank_batches(list(range(len(indices))), batch_size, group)))
             if group.rank == 0:
+                sharing = f"{group.world_size} processes; progress of rank 0's {share}" if group.world_size > 1 else \
+                    "1 process"
                 click.echo(f"Calculating statistics for {len(indices)} images from {str(path)!r} ({device}, "
-                           f"{group.world_size} process{'es' * (group.world_size > 1)})", err=True)
-            meter = Progress(len(indices), 0, enabled=group.rank == 0)
+                           f"{sharing})", err=True)
+            meter = Progress(share, 0, enabled=group.rank == 0)
             statistics = folder_statistics(detector, folder, indices, batch_size=batch_size, group=group,
                                            progress=meter.batch_done)
             meter.close()
@@ -128,10 +132,10 @@ def adm(ref_batch, samples_path, block_size, batch_size, detector_path, device):
     if not detector.has_logits:
         raise click.UsageError("the Inception Score needs the detector's output layer, which this detector file "
                                "lacks; pass --detector inception-2015-12-05.pkl/.pt or pytorch-fid's .pth")
-    activations = {}
-    for name, (count, batches) in (("reference", (len(reference), reference.batches(batch_size))),
-                                   ("samples", _sample_batches(samples_path, batch_size))):
-        activations[name] = _measure(detector, name, count, batches)
+    activations = {"reference": _measure(detector, "reference", len(reference), reference.batches(batch_size))}
+    with contextlib.ExitStack() as stack:
+        count, batches = _sample_batches(samples_path, batch_size, stack)
+        activations["samples"] = _measure(detector, "samples", count, batches)
     metrics = evaluate(detector, activations["reference"], activations["samples"],
                        reference.statistics() if reference.has_statistics else None, block_size=block_size)
     click.echo(metrics.report())
@@ -216,8 +220,8 @@ def _measure(detector, name, count, batches):
     return activations
 
 
-def _sample_batches(path, batch_size):
-    """(count, batches) of an ADM batch file or of a folder/zip of images."""
+def _sample_batches(path, batch_size, stack):
+    """(count, batches) of an ADM batch file or of a folder/zip of images (closed by ``stack``)."""
     import zipfile
 
     from ..metrics.adm import SampleBatch
@@ -230,6 +234,6 @@ def _sample_batches(path, batch_size):
         if is_batch:
             samples = SampleBatch.open(path)
             return len(samples), samples.batches(batch_size)
-    folder = ImageFolder(path)
+    folder = stack.enter_context(ImageFolder(path))
     chunks = [range(i, min(i + batch_size, len(folder))) for i in range(0, len(folder), batch_size)]
     return len(folder), folder_batches(folder, chunks)

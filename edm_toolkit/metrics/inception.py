@@ -44,11 +44,15 @@ class InceptionOutputs(NamedTuple):
 # TF1 bilinear resize
 
 
-@functools.lru_cache(maxsize=32)
 def tf1_resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
     """The [size_out, size_in] float64 matrix of TF1 ``resize_bilinear`` along one axis (no half-pixel centres):
     output i samples the input at src = i * size_in / size_out, between i0 = floor(src) and
     i1 = min(i0 + 1, size_in - 1) with weights (1 - (src - i0), src - i0)."""
+    return _resize_matrix(size_in, size_out).clone()
+
+
+@functools.lru_cache(maxsize=32)
+def _resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
     src = torch.arange(size_out, dtype=torch.float64) * (size_in / size_out)
     i0 = src.floor().clamp(max=size_in - 1)
     frac = src - i0
@@ -68,8 +72,8 @@ def tf1_resize(images: torch.Tensor, size: int = RESOLUTION) -> torch.Tensor:
     height, width = images.shape[-2:]
     if (height, width) == (size, size):
         return images
-    rows = tf1_resize_matrix(height, size).to(images.device, images.dtype)
-    cols = tf1_resize_matrix(width, size).to(images.device, images.dtype)
+    rows = _resize_matrix(height, size).to(images.device, images.dtype)  # cached, never modified
+    cols = _resize_matrix(width, size).to(images.device, images.dtype)
     return torch.matmul(torch.matmul(rows, images), cols.T)
 
 
