@@ -115,7 +115,8 @@ def test_nvidia_pickle(network, weights, tmp_path, no_code_execution):
 @pytest.mark.parametrize("overrides, message", [
     (dict(rename={"InceptionC": "EvilBlock"}), "refused persistent class 'EvilBlock'"),
     (dict(extra_state={"Conv2dLayer": {"hook": Hostile(os.system, "touch pwned")}}), "refused to load global"),
-    (dict(extra_state={"InceptionE": {"x": Hostile(getattr, "os", "system")}}), "refused to load global 'builtins.getattr'"),
+    (dict(extra_state={"InceptionE": {"x": Hostile(getattr, "os", "system")}}),
+     "refused to load global 'builtins.getattr'"),
 ])
 def test_hostile_nvidia_pickle_is_refused(overrides, message, network, tmp_path, no_code_execution, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from edm_toolkit.errors import EDMToolkitError  # noqa: E402
-from edm_toolkit.metrics.detector_files import detector_from_state_dict, find_detector, read_detector_weights  # noqa: E402
+from edm_toolkit.metrics.detector_files import (  # noqa: E402
+    detector_from_state_dict, find_detector, read_detector_weights)
 from edm_toolkit.metrics.inception import InceptionV3  # noqa: E402
 from edm_toolkit.metrics.statistics import FeatureStatistics, frechet_distance  # noqa: E402
 

@@ -39,7 +39,8 @@ def fid():
 
 
 @fid.command()
-@click.option("--data", "dataset_path", required=True, metavar="PATH|ZIP", help="Path to the dataset (images, recursively)")
+@click.option("--data", "dataset_path", required=True, metavar="PATH|ZIP",
+              help="Path to the dataset (images, recursively)")
 @click.option("--dest", "dest_path", required=True, metavar="NPZ", help="Destination .npz file")
 @_common_options
 def ref(dataset_path, dest_path, batch_size, detector_path, device):
@@ -55,7 +56,8 @@ def ref(dataset_path, dest_path, batch_size, detector_path, device):
 @click.option("--ref", "ref_path", required=True, metavar="NPZ", help="Dataset reference statistics (npz: mu, sigma)")
 @click.option("--num", "num_expected", type=click.IntRange(min=2), default=50000, show_default=True, metavar="INT",
               help="Number of images to use (a random subset when there are more)")
-@click.option("--seed", type=int, default=0, show_default=True, metavar="INT", help="Random seed for selecting the images")
+@click.option("--seed", type=int, default=0, show_default=True, metavar="INT",
+              help="Random seed for selecting the images")
 @_common_options
 def calc(image_path, ref_path, num_expected, seed, batch_size, detector_path, device):
     """Calculate FID for a given set of images; prints the value (EDM's format) on stdout."""
@@ -146,7 +148,8 @@ def adm(ref_batch, samples_path, block_size, batch_size, detector_path, device):
 @click.option("--dest", "dest_path", required=True, metavar="NPZ", help="Destination ADM batch .npz")
 @click.option("--num", type=click.IntRange(min=1), default=None, metavar="INT",
               help="A random subset of this many images (EDM's choice)  [default: all]")
-@click.option("--seed", type=int, default=0, show_default=True, metavar="INT", help="Random seed for selecting the images")
+@click.option("--seed", type=int, default=0, show_default=True, metavar="INT",
+              help="Random seed for selecting the images")
 @click.option("--with-stats", is_flag=True,
               help="Also store mu, sigma, mu_s, sigma_s, making a reference batch (runs the detector)")
 @_common_options

@@ -205,7 +205,8 @@ def _state_dict_from_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], st
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise CheckpointError(f"refused: the file needs code to load, it is not a plain state_dict ({detail})") from None
+        raise CheckpointError(
+            f"refused: the file needs code to load, it is not a plain state_dict ({detail})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise CheckpointError("a torch file that is not a state_dict (a dict of named tensors)")

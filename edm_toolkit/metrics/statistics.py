@@ -93,7 +93,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method: str = "eigh") -> float:
     a CPU for D = 2048.
     """
     if method not in FRECHET_METHODS:
-        raise EDMToolkitError(f"unknown Frechet distance method {method!r}; choose one of: {', '.join(FRECHET_METHODS)}")
+        raise EDMToolkitError(
+            f"unknown Frechet distance method {method!r}; choose one of: {', '.join(FRECHET_METHODS)}")
     mu1, mu2 = torch.as_tensor(mu1, dtype=torch.float64), torch.as_tensor(mu2, dtype=torch.float64)
     sigma1, sigma2 = torch.as_tensor(sigma1, dtype=torch.float64), torch.as_tensor(sigma2, dtype=torch.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
@@ -168,7 +169,8 @@ def read_npz(path: str | os.PathLike, keys) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             missing = [key for key in keys if key not in data.files]
             if missing:
-                raise EDMToolkitError(f"{path} has no {', '.join(missing)} (it holds {', '.join(data.files) or 'nothing'})")
+                held = ", ".join(data.files) or "nothing"
+                raise EDMToolkitError(f"{path} has no {', '.join(missing)} (it holds {held})")
             arrays = {key: data[key] for key in keys}
     except EDMToolkitError:
         raise
