@@ -46,6 +46,7 @@ def main():
 
 
 from . import dataset as _dataset  # noqa: E402  (the subcommands)
+from . import fid as _fid  # noqa: E402
 from . import files as _files  # noqa: E402
 from . import generate as _generate  # noqa: E402
 from . import nll as _nll  # noqa: E402
@@ -58,4 +59,5 @@ main.add_command(_files.inspect)
 main.add_command(_files.convert)
 main.add_command(_solvers.solvers)
 main.add_command(_dataset.dataset)
+main.add_command(_fid.fid)
 main.add_command(_nll.nll)
