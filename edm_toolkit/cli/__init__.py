@@ -47,11 +47,15 @@ def main():
 
 from . import files as _files  # noqa: E402  (the subcommands)
 from . import generate as _generate  # noqa: E402
+from . import phema as _phema  # noqa: E402
 from . import presets as _presets  # noqa: E402
 from . import solvers as _solvers  # noqa: E402
+from . import train as _train  # noqa: E402
 
 main.add_command(_generate.generate)
 main.add_command(_presets.presets)
 main.add_command(_files.inspect)
 main.add_command(_files.convert)
 main.add_command(_solvers.solvers)
+main.add_command(_train.train)
+main.add_command(_phema.phema)
