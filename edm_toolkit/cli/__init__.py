@@ -45,7 +45,8 @@ def main():
     """edm-toolkit: the EDM design space (Karras et al. 2022) as interchangeable components."""
 
 
-from . import files as _files  # noqa: E402  (the subcommands)
+from . import dataset as _dataset  # noqa: E402  (the subcommands)
+from . import files as _files  # noqa: E402
 from . import generate as _generate  # noqa: E402
 from . import phema as _phema  # noqa: E402
 from . import presets as _presets  # noqa: E402
@@ -57,5 +58,6 @@ main.add_command(_presets.presets)
 main.add_command(_files.inspect)
 main.add_command(_files.convert)
 main.add_command(_solvers.solvers)
+main.add_command(_dataset.dataset)
 main.add_command(_train.train)
 main.add_command(_phema.phema)
