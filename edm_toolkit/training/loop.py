@@ -56,6 +56,18 @@ def denoising_loss(loss: DenoisingLoss, net: Callable, y: torch.Tensor, sigma: t
     return loss.weight(sigma) * (D_yn - y) ** 2
 
 
+def learning_rate(lr: float, nimg: int, rampup_kimg: float) -> float:
+    """EDM's schedule: lr min(nimg / (rampup_kimg 1000), 1), nimg the images seen before the step; no decay."""
+    return lr * min(nimg / max(rampup_kimg * 1000, 1e-8), 1)
+
+
+def clean_gradients(parameters) -> None:
+    """EDM's treatment of non-finite gradients, in place: NaN -> 0, +inf -> 1e5, -inf -> -1e5."""
+    for p in parameters:
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+
+
 def resolve_components(options: TrainingOptions) -> tuple[PrecondConfig, DenoisingLoss]:
     """The preconditioner and loss: --precond/--loss, else the --preset's sections, else edm and the loss named like
     the preconditioner (EDM's pairs vp/vp, ve/ve, edm/edm; iddpm/iddpm)."""
@@ -427,10 +439,8 @@ class Trainer:
 
             # Update weights (EDM: lr ramp-up on the images seen before this step; non-finite gradients cleaned).
             for g in self.optimizer.param_groups:
-                g["lr"] = o.lr * min(self.nimg / max(o.lr_rampup * 1000, 1e-8), 1)
-            for p in params:
-                if p.grad is not None:
-                    torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+                g["lr"] = learning_rate(o.lr, self.nimg, o.lr_rampup)
+            clean_gradients(params)
             self.optimizer.step()
             self.nimg += o.batch
             self.ema.update(self.nimg, o.batch)
