@@ -94,7 +94,8 @@ def _averaged_copy(net: nn.Module) -> nn.Module:
 
 
 def _parameters(module: nn.Module) -> list[torch.Tensor]:
-    return [p.detach() for p in module.parameters()]
+    """The parameter objects (updated in place by the optimizer and load_state_dict), listed once."""
+    return list(module.parameters())
 
 
 class HalfLifeEMA:
@@ -109,6 +110,7 @@ class HalfLifeEMA:
         self.halflife_nimg = float(halflife_nimg)
         self.rampup_ratio = rampup_ratio
         self.module = _averaged_copy(net)
+        self._pairs = (_parameters(self.module), _parameters(net))
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -123,7 +125,7 @@ class HalfLifeEMA:
     @torch.no_grad()
     def update(self, nimg: int, batch: int) -> None:
         beta = self.beta(nimg, batch)
-        torch._foreach_lerp_(_parameters(self.module), _parameters(self.net), 1.0 - beta)
+        torch._foreach_lerp_(*self._pairs, 1.0 - beta)
 
     def state_dict(self) -> dict:
         return {"ema": self.module.state_dict()}
@@ -147,13 +149,13 @@ class PowerFunctionEMA:
             raise ConfigError(f"power EMA widths must be distinct, got {list(self.sigma_rels)}")
         self.gammas = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
         self.modules = [_averaged_copy(net) for _ in self.sigma_rels]
+        self._net_params = _parameters(net)
+        self._ema_params = [_parameters(m) for m in self.modules]
 
     @torch.no_grad()
     def update(self, nimg: int, batch: int) -> None:
-        net_params = _parameters(self.net)
-        for gamma, module in zip(self.gammas, self.modules):
-            beta = power_ema_beta(gamma, nimg, batch)
-            torch._foreach_lerp_(_parameters(module), net_params, 1.0 - beta)
+        for gamma, params in zip(self.gammas, self._ema_params):
+            torch._foreach_lerp_(params, self._net_params, 1.0 - power_ema_beta(gamma, nimg, batch))
 
     def state_dict(self) -> dict:
         return {"sigma_rels": list(self.sigma_rels), "emas": [m.state_dict() for m in self.modules]}

@@ -121,7 +121,7 @@ def resolve_device(name: str | None, group: ProcessGroup | None = None) -> torch
     return device
 
 
-def module_summary(net: nn.Module, inputs: list[Any], max_depth: int = 2) -> str:
+def module_summary(net: nn.Module, inputs: list[Any], kwargs: dict[str, Any] | None = None, max_depth: int = 2) -> str:
     """EDM's network summary: submodules to max_depth with their parameters, buffers and output shape."""
     rows, hooks = [], []
     names = {m: n for n, m in net.named_modules()}
@@ -136,15 +136,14 @@ def module_summary(net: nn.Module, inputs: list[Any], max_depth: int = 2) -> str
             hooks.append(module.register_forward_hook(record))
     try:
         with torch.no_grad():
-            net(*inputs)
+            net(*inputs, **(kwargs or {}))
     finally:
         for hook in hooks:
             hook.remove()
     rows.sort(key=lambda r: r[0] != "<top-level>")
     table = [("Module", "Parameters", "Buffers", "Output shape", "Datatype"), ("---",) * 5]
     for name, module, shape, dtype in rows:
-        direct = name == "<top-level>"
-        params = sum(p.numel() for p in module.parameters()) if direct else sum(p.numel() for p in module.parameters())
+        params = sum(p.numel() for p in module.parameters())
         buffers = sum(b.numel() for b in module.buffers())
         table.append((name, f"{params:,}" if params else "-", f"{buffers:,}" if buffers else "-", str(shape), dtype))
     widths = [max(len(r[i]) for r in table) for i in range(5)]
@@ -214,6 +213,7 @@ class Trainer:
         net = build_denoiser(self.backbone, self.precond, use_fp16=o.precision == "fp16")
         self.net = net.train().requires_grad_(True).to(self.device)
         self.augment_pipe = build_augment_pipe(o.augment) if o.augment > 0 else None
+        self._check_forward()
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=o.lr, betas=(0.9, 0.999), eps=1e-8)
         if o.transfer is not None:
             self._transfer(o.transfer)
@@ -227,6 +227,34 @@ class Trainer:
         precision = o.precision
         self.description = run_description(source.name, o.cond, o.arch, self.precond.name, W, o.batch, precision,
                                            o.desc)
+
+    def _summary_inputs(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """One zero image at sigma 1 with zero labels (and zero augment labels): the network's call signature."""
+        C, R = self.net.img_channels, self.net.img_resolution
+        inputs = [torch.zeros([1, C, R, R], device=self.device), torch.ones([1], device=self.device),
+                  torch.zeros([1, self.label_dim], device=self.device)]
+        extra = {}
+        if self.augment_pipe is not None:
+            extra["augment_labels"] = torch.zeros([1, AUGMENT_DIM], device=self.device)
+        return inputs, extra
+
+    def _check_forward(self) -> None:
+        """Runs the network once on one image, so that an architecture that does not fit the data fails now, in
+        one line, and not in the first training step."""
+        inputs, extra = self._summary_inputs()
+        self.net.eval()
+        try:
+            with torch.no_grad():
+                output = self.net(*inputs, **extra)
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(f"the {self.options.arch} network does not run on {self.net.img_channels}x"
+                              f"{self.net.img_resolution}x{self.net.img_resolution} images "
+                              f"({str(exc).splitlines()[0][:200]}); check --cres and --net-opt") from None
+        finally:
+            self.net.train()
+        if output.shape != inputs[0].shape:
+            raise ConfigError(f"the {self.options.arch} network maps {list(inputs[0].shape)} images to "
+                              f"{list(output.shape)}; check --cres and --net-opt")
 
     def _broadcast(self, value):
         if self.group.world_size == 1:
@@ -320,11 +348,8 @@ class Trainer:
                 self.print(self.options.to_json())
                 for line in self._summary_lines():
                     self.print(line)
-                inputs = [torch.zeros([1, self.net.img_channels, self.net.img_resolution, self.net.img_resolution],
-                                      device=self.device), torch.ones([1], device=self.device),
-                          torch.zeros([1, self.label_dim], device=self.device)]
-                kwargs_net = _with_augment_labels(self.net, self.augment_pipe is not None, self.device)
-                self.print(module_summary(kwargs_net, inputs))
+                inputs, extra = self._summary_inputs()
+                self.print(module_summary(self.net, inputs, extra))
                 self.print("Dry run; exiting.")
         finally:
             shutdown()
@@ -533,18 +558,6 @@ def _worker_init(_worker_id: int) -> None:
 
 def _json(data) -> str:
     return json.dumps(data, sort_keys=True)
-
-
-class _with_augment_labels(nn.Module):
-    """The network called with zero augment labels, as the summary's forward pass needs them when it has them."""
-
-    def __init__(self, net: nn.Module, augmented: bool, device):
-        super().__init__()
-        self.net, self.augmented, self.device = net, augmented, device
-
-    def forward(self, x, sigma, labels):
-        extra = {"augment_labels": torch.zeros([x.shape[0], AUGMENT_DIM], device=self.device)} if self.augmented else {}
-        return self.net(x, sigma, labels, **extra)
 
 
 def _describe(config: dict) -> str:

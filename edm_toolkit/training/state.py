@@ -59,6 +59,10 @@ def load_state(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"training state {str(path)!r} not found")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # every torch.save file is a zip archive
+            raise CheckpointError(f"{path} is not an edm-toolkit training state; --resume takes a "
+                                  "training-state-*.pt written by 'edm train' or its run directory")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
