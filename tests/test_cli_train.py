@@ -190,3 +190,35 @@ def test_bad_resume_states(data, tmp_path):
     fails_cleanly(short_run(data, out, "--resume", tmp_path / "nowhere"), "no such file or directory")
     fails_cleanly(short_run(data, out, "--resume", tmp_path / "truncated" / "..", "--nosubdir"), "no training-state")
     assert not out.exists()
+
+
+def _doc_block(heading: str, language: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    section = text[text.index(heading):]
+    start = section.index(f"```{language}\n") + len(f"```{language}\n")
+    return section[start:section.index("```", start)]
+
+
+def test_docs_quickstart_runs(tmp_path, monkeypatch):
+    """The quickstart of docs/training.md, shortened: fewer seeds and steps, 96 training images instead of 10k."""
+    import shlex
+
+    shorter = {"--seeds 0-63": "--seeds 0-7", "--steps 18": "--steps 4", "--duration 0.01": "--duration 0.000096",
+               "network-snapshot-000010.pt": "network-snapshot-000000.pt", "--seeds 0-15": "--seeds 0-3"}
+    monkeypatch.chdir(tmp_path)
+    commands = [line.split("#")[0].strip() for line in _doc_block("## Quickstart", "bash").splitlines()]
+    assert len(commands) == 4
+    for command in commands:
+        for old, new in shorter.items():
+            command = command.replace(old, new)
+        args = shlex.split(command)
+        assert args[0] == "edm"
+        result = edm(*args[1:])
+        assert result.exit_code == 0, (command, result.output)
+    assert (tmp_path / "samples" / "grid.png").is_file()
+    assert "kimg 0.096" in (tmp_path / "run" / "log.txt").read_text()
+
+    code = _doc_block("## From Python", "python").replace("duration=0.01", "duration=0.000064")
+    namespace: dict = {}
+    exec(compile(code, "docs/training.md", "exec"), namespace)
+    assert (namespace["run_dir"] / "network-snapshot-000000.pt").is_file()

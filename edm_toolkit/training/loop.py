@@ -166,6 +166,8 @@ class Trainer:
         self.group = init_from_env("cuda" if (requested is None and torch.cuda.is_available())
                                    or (requested is not None and requested.type == "cuda") else "cpu")
         self.device = resolve_device(o.device, self.group)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL collectives (the seed broadcast, DDP) use the current device
         self.print = RunLog(stream=self.stream) if self.group.rank == 0 else (lambda text="": None)
         W = self.group.world_size
         if o.batch % W:
