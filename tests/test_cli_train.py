@@ -102,6 +102,16 @@ def test_loss_is_independent_of_the_preconditioner(data, tmp_path):
     assert json.loads((tmp_path / "preset" / "training_options.json").read_text())["loss_params"]["sigma_max"] == 100.0
 
 
+@pytest.mark.parametrize("precond", ["vp", "ve", "iddpm", "edm"])
+def test_every_preconditioner_trains_with_its_loss(data, tmp_path, precond):
+    result = short_run(data, tmp_path, "--precond", precond, "--nosubdir", steps=2)
+    assert result.exit_code == 0, result.output
+    assert f"Preconditioning, loss:   {precond}, {precond}" in result.stdout
+    losses = [json.loads(l)["Loss/loss"]["mean"] for l in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert load_model(tmp_path / "network-snapshot-000000.pt").config()["name"] == precond
+
+
 def test_bf16_runs_on_the_cpu(data, tmp_path):
     result = short_run(data, tmp_path, "--precision", "bf16", steps=2)
     assert result.exit_code == 0, result.output
@@ -166,6 +176,20 @@ def test_bad_datasets(tmp_path, data):
 def test_bad_options(data, tmp_path, option, value, fragment):
     fails_cleanly(short_run(data, tmp_path / "runs", option, value), fragment)
     assert not (tmp_path / "runs").exists()
+
+
+def test_nosubdir_refuses_to_mix_two_runs(data, tmp_path):
+    assert short_run(data, tmp_path, "--nosubdir", steps=1).exit_code == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    fails_cleanly(short_run(data, tmp_path, "--nosubdir", steps=1), "already holds a training run", "--resume auto")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.slow
+def test_compile_trains(data, tmp_path):
+    result = short_run(data, tmp_path, "--compile", "--nosubdir", steps=2)
+    assert result.exit_code == 0, result.output
+    assert "fp32 compiled" in result.stdout
 
 
 def test_unwritable_outdir(data, tmp_path):

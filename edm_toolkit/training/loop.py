@@ -204,6 +204,9 @@ class Trainer:
             seed = self._broadcast(secrets.randbelow(1 << 31))
         self.seed = int(seed)
         self.streams = TrainingStreams(self.seed, len(source))
+        if o.nosubdir and self.resume_dir is None and _holds_a_run(Path(o.outdir)):
+            raise ConfigError(f"--outdir {o.outdir} already holds a training run (stats.jsonl or training states); "
+                              "continue it with --resume auto, or choose another --outdir")
 
         # Network, loss, optimizer, EMAs.
         self.precond, self.loss = resolve_components(o)
@@ -560,6 +563,10 @@ def _worker_init(_worker_id: int) -> None:
 
 def _json(data) -> str:
     return json.dumps(data, sort_keys=True)
+
+
+def _holds_a_run(directory: Path) -> bool:
+    return (directory / "stats.jsonl").is_file() or latest_state(directory) is not None
 
 
 def _describe(config: dict) -> str:
