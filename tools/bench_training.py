@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +81,8 @@ def initial_weights(resolution: int) -> dict[str, torch.Tensor]:
 
 
 def official_rates(edm_ref: Path, weights, batch: int, steps: int, device: torch.device, use_fp16: bool,
-                   compile_net: bool, resolution: int) -> list[float]:
-    """images/s of each timed step of EDM's training-loop body (after one warm-up step)."""
+                   compile_net: bool, resolution: int) -> list[tuple[float, float]]:
+    """(wall, CPU) images/s of each timed step of EDM's training-loop body (after one warm-up step)."""
     sys.path.insert(0, str(edm_ref))
     from training.loss import EDMLoss
     from training.networks import EDMPrecond
@@ -109,7 +107,7 @@ def official_rates(edm_ref: Path, weights, batch: int, steps: int, device: torch
     rates, cur_nimg = [], 0
     for step in range(steps + 1):
         _sync(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(net=forward, images=images, labels=labels, augment_pipe=None)
         loss.sum().mul(1 / batch).backward()
@@ -125,22 +123,36 @@ def official_rates(edm_ref: Path, weights, batch: int, steps: int, device: torch
         cur_nimg += batch
         _sync(device)
         if step > 0:
-            rates.append(batch / (time.perf_counter() - start))
+            rates.append((batch / (time.perf_counter() - start), batch / (time.process_time() - start_cpu)))
     return rates
 
 
+class TickClock(io.StringIO):
+    """The progress stream of a training run: notes the wall and CPU clocks when each tick line is written."""
+
+    def __init__(self):
+        super().__init__()
+        self.marks: list[tuple[float, float]] = []
+
+    def write(self, text):
+        if text.startswith("tick "):
+            self.marks.append((time.perf_counter(), time.process_time()))
+        return super().write(text)
+
+
 def toolkit_rates(batch: int, steps: int, device: torch.device, precision: str, compile_net: bool,
-                  resolution: int) -> list[float]:
-    """images/s of each timed step of the toolkit's loop (one tick per step, after one warm-up step)."""
+                  resolution: int) -> list[tuple[float, float]]:
+    """(wall, CPU) images/s of each timed step of the toolkit's loop: one tick per step; the time between two
+    tick lines is a whole step with its bookkeeping (the first tick, the warm-up step, is not timed)."""
+    clock = TickClock()
     with tempfile.TemporaryDirectory() as tmp:
         options = TrainingOptions(data="random", outdir=tmp, arch="ddpmpp", batch=batch, duration=batch * (steps + 1) / 1e6,
                                   dropout=DROPOUT, augment=0.0, lr=LR, tick=batch / 1000, snap=10**6, dump=10**6,
                                   seed=SEED, workers=0, nosubdir=True, precision=precision, compile=compile_net,
                                   device=str(device))
-        with redirect_stdout(io.StringIO()):
-            run = train(options, RandomImages(max(4 * batch, 64), resolution))
-        stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
-    return [1000 / s["Timing/sec_per_kimg"]["mean"] for s in stats[1:]]
+        train(options, RandomImages(max(4 * batch, 64), resolution), stream=clock)
+    marks = clock.marks
+    return [(batch / (b[0] - a[0]), batch / (b[1] - a[1])) for a, b in zip(marks, marks[1:])]
 
 
 def _sync(device):
@@ -168,41 +180,57 @@ def main():
     for name in args.options.split(","):
         precision, compile_net, use_fp16 = OPTIONS[name]
         official, ours = [], []
-        for _ in range(args.rounds):
+        for round_idx in range(args.rounds):
             if args.edm_ref is not None:
-                official += official_rates(args.edm_ref, weights, args.batch, args.steps, device, use_fp16, compile_net,
-                                           args.resolution)
-            ours += toolkit_rates(args.batch, args.steps, device, precision, compile_net, args.resolution)
-        row = (name, statistics.median(official) if official else None, statistics.median(ours))
+                rates = official_rates(args.edm_ref, weights, args.batch, args.steps, device, use_fp16, compile_net,
+                                       args.resolution)
+                official += rates
+                print(f"  round {round_idx} official (wall, cpu) {rates}", flush=True)
+            rates = toolkit_rates(args.batch, args.steps, device, precision, compile_net, args.resolution)
+            ours += rates
+            print(f"  round {round_idx} edm-toolkit (wall, cpu) {rates}", flush=True)
+        median = lambda rates, i: statistics.median(r[i] for r in rates) if rates else None
+        row = (name, median(official, 1), median(ours, 1), median(official, 0), median(ours, 0))
         rows.append(row)
-        print(f"{name:14s} official {row[1] or float('nan'):8.2f} img/s   edm-toolkit {row[2]:8.2f} img/s", flush=True)
+        print(f"{name:14s} CPU-time img/s: official {row[1] or float('nan'):.3f}, edm-toolkit {row[2]:.3f}", flush=True)
 
     fp32_official = next((r[1] for r in rows if r[0] == "fp32"), None)
+    cuda = device.type == "cuda"
+    clock = "wall-clock" if cuda else "CPU-time"
     lines = [
         "## Training throughput (`tools/bench_training.py`)",
         "",
         f"Command: `python tools/bench_training.py --edm-ref EDM_CHECKOUT --device {args.device} --batch {args.batch} "
         f"--steps {args.steps} --rounds {args.rounds} --options {args.options}"
-        + (f" --threads {args.threads}" if args.threads else "") + "`",
+        + (f" --threads {args.threads}" if args.threads else "") + "` (EDM_CHECKOUT: a checkout of NVlabs/edm)",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}"
-        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
+        + (f", {torch.cuda.get_device_name(device)}" if cuda else ""),
         "",
-        f"DDPM++ 32x32 (EDMPrecond, EDMLoss, dropout {DROPOUT}, unconditional, no augmentation), batch {args.batch}: "
-        "median training images/s per step. 'official' is NVlabs/edm's network and loss in the loop body of its "
-        "training_loop.py on a fixed device tensor; 'edm-toolkit' is the complete `edm train` loop (data, "
-        "per-sample draws, step, EMA, bookkeeping). Ratio: toolkit over official of the same option; 'vs fp32' "
-        "over the official fp32 step.",
+        f"DDPM++ 32x32 (EDMPrecond, EDMLoss, dropout {DROPOUT}, unconditional, no augmentation), batch {args.batch}, "
+        "the same initial weights: median training images/s per step over "
+        f"{args.rounds} alternating rounds of {args.steps} timed steps. 'official' is NVlabs/edm's network and loss "
+        "in the loop body of its training_loop.py on a fixed device tensor; 'edm-toolkit' is the complete "
+        "`edm train` loop (data order, per-sample draws, batch assembly, step, EMA, bookkeeping)."
+        + ("" if cuda else " On a CPU shared with other jobs the wall clock varies by 2x between steps, so the "
+           "primary figure is images per second of process CPU time (one thread: the time the step itself "
+           "needs); wall-clock figures are given for reference.")
+        + " Ratio: toolkit over official of the same option; 'vs fp32': over the official fp32 step.",
         "",
-        "| option | official img/s | edm-toolkit img/s | ratio | vs official fp32 |",
-        "|---|---|---|---|---|",
+        f"| option | official img/s ({clock}) | edm-toolkit img/s ({clock}) | ratio | vs official fp32 |"
+        + ("" if cuda else " official / edm-toolkit wall-clock img/s |"),
+        "|---|---|---|---|---|" + ("" if cuda else "---|"),
     ]
-    for name, official, ours in rows:
+    for name, official, ours, official_wall, ours_wall in rows:
+        if cuda:
+            official, ours = official_wall, ours_wall
         ratio = f"{ours / official:.2f}x" if official else "-"
         versus = f"{ours / fp32_official:.2f}x" if fp32_official else "-"
-        lines.append(f"| {name} | {official:.2f} | {ours:.2f} | {ratio} | {versus} |" if official else
-                     f"| {name} | - | {ours:.2f} | - | {versus} |")
+        cells = [name, f"{official:.3f}" if official else "-", f"{ours:.3f}", ratio, versus]
+        if not cuda:
+            cells.append(f"{official_wall:.3f} / {ours_wall:.3f}" if official else f"- / {ours_wall:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
