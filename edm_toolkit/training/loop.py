@@ -162,9 +162,7 @@ class Trainer:
     # --- setup: everything that can fail on bad input happens before anything is written ---------------------
     def _setup(self) -> None:
         o = self.options
-        requested = torch.device(o.device) if o.device is not None else None
-        self.group = init_from_env("cuda" if (requested is None and torch.cuda.is_available())
-                                   or (requested is not None and requested.type == "cuda") else "cpu")
+        self.group = init_from_env(resolve_device(o.device).type)  # gloo on CPU, NCCL on CUDA
         self.device = resolve_device(o.device, self.group)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # NCCL collectives (the seed broadcast, DDP) use the current device
@@ -229,8 +227,7 @@ class Trainer:
         if self.state is not None:
             self._restore(self.state)
 
-        precision = o.precision
-        self.description = run_description(source.name, o.cond, o.arch, self.precond.name, W, o.batch, precision,
+        self.description = run_description(source.name, o.cond, o.arch, self.precond.name, W, o.batch, o.precision,
                                            o.desc)
 
     def _summary_inputs(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
@@ -491,7 +488,7 @@ class Trainer:
             tick_sec = tick_end_time - tick_start_time
             sec_per_kimg = tick_sec / max(self.nimg - self.tick_start_nimg, 1) * 1e3
             total_sec = elapsed_at_start + tick_end_time - start_time
-            eta = (total_nimg - self.nimg) / 1e3 * sec_per_kimg
+            eta = max(total_nimg - self.nimg, 0) / 1e3 * sec_per_kimg
             cpu_mem = psutil.Process(os.getpid()).memory_info().rss / 2**30
             gpu_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
             gpu_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else 0.0
