@@ -430,8 +430,7 @@ class Trainer:
         model: Callable = self.net
         ddp = None
         if group.world_size > 1:
-            ddp = torch.nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+            ddp = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=[device] if device.type == "cuda" else None)
             model = ddp
         if o.compile:
             model = torch.compile(model)
