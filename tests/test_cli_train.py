@@ -4,7 +4,6 @@ design-space options, and one-line errors that leave nothing half-written."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from edm_toolkit.checkpoints import load_model, save_model
+from edm_toolkit.checkpoints import load_model
 from edm_toolkit.cli import main
 from edm_toolkit.training.state import load_state
 
@@ -172,6 +171,7 @@ def test_bad_datasets(tmp_path, data):
     ("--batch-gpu", "3", "not divisible by processes x --batch-gpu"), ("--cond-drop", "0.1", "--cond-drop needs"),
     ("--phema", "0.3", "sigma_rel"), ("--cres", "1,2,3,4,5,6", "does not run on 1x8x8 images"),
     ("--net-opt", "warp_drive=1", "cannot build"), ("--precision", "fp16", "CUDA only"),
+    ("--device", "tpu9", "unknown --device"),
 ])
 def test_bad_options(data, tmp_path, option, value, fragment):
     fails_cleanly(short_run(data, tmp_path / "runs", option, value), fragment)

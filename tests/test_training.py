@@ -8,7 +8,6 @@ extra threads only slow tiny tensors down.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import signal

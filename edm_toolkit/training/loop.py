@@ -31,7 +31,6 @@ from ..checkpoints import save_model
 from ..distributed import ProcessGroup, init_from_env, shutdown
 from ..errors import CheckpointError, ConfigError, EDMToolkitError
 from ..losses import LOSSES, DenoisingLoss
-from ..precond import Preconditioner
 from ..presets import PrecondConfig, load_preset
 from .architectures import backbone_config, build_denoiser, denoiser_config, parameter_count
 from .ema import HalfLifeEMA, PowerFunctionEMA
