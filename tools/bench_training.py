@@ -57,6 +57,17 @@ OPTIONS = {  # name -> (toolkit precision, compile, official use_fp16)
 }
 
 
+CPU_NOTE = (
+    "Not measured on this CPU: bf16 (no bf16 arithmetic here: one DDPM++ evaluation at batch 1 takes ~55 s, see "
+    "the network benchmark), compile (minutes of compilation per shape), fp16 (CUDA only, as EDM's --fp16). The GPU "
+    "goal (the official step on an H200 at batch 256: 1007 img/s fp32, 1646 img/s fp16; target >= 2x the official "
+    "fp16 with bf16/compile) needs `--device cuda --batch 256 --options fp32,fp16,bf16,bf16+compile` on a GPU; no GPU "
+    "was lent to the session that wrote this section. The 2-3% gap of fp32 is the network's self-attention output, "
+    "which keeps a channels-last stride pattern so that every later convolution copies its layout (network forward "
+    "and backward alone at batch 2, CPU time: 3.47 s against EDM's 3.35 s; in a second run with a contiguous "
+    "attention output, 3.44 s against 3.43 s).")
+
+
 class RandomImages:
     """An in-memory dataset of the ImageSource protocol: uint8 noise images, no labels."""
 
@@ -231,6 +242,8 @@ def main():
         if not cuda:
             cells.append(f"{official_wall:.3f} / {ours_wall:.3f}" if official else f"- / {ours_wall:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
+    if not cuda:
+        lines += ["", CPU_NOTE]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
