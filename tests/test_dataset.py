@@ -122,14 +122,17 @@ def test_max_size_is_edms_seeded_subset_and_xflip_doubles(tmp_path):
     assert [other.raw_index(i) for i in range(k)] != chosen
 
 
-def test_cache_returns_equal_copies(tmp_path):
-    images = _images(3)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_items_are_writable_copies_and_the_cache_is_untouched(tmp_path, channels):
+    images = _images(3, channels=channels)
     write_dataset(tmp_path / "c.zip", images)
-    ds = ImageDataset(tmp_path / "c.zip", cache=True, xflip=True)
-    first = ds[0][0]
-    first[...] = 0  # the caller's copy; the cache is untouched
-    np.testing.assert_array_equal(ds[0][0], images[0].transpose(2, 0, 1))
-    np.testing.assert_array_equal(ds[3][0], images[0].transpose(2, 0, 1)[:, :, ::-1])
+    for cache in (False, True):
+        ds = ImageDataset(tmp_path / "c.zip", cache=cache, xflip=True)
+        first = ds[0][0]
+        assert first.flags.writeable and first.flags.owndata and first.flags.c_contiguous
+        first[...] = 0  # the caller's copy; the cache is untouched
+        np.testing.assert_array_equal(ds[0][0], images[0].transpose(2, 0, 1))
+        np.testing.assert_array_equal(ds[3][0], images[0].transpose(2, 0, 1)[:, :, ::-1])
 
 
 def test_pickles_and_works_in_forked_dataloader_workers(tmp_path):

@@ -267,7 +267,7 @@ class ImageDataset:
                 self._cached[raw] = image
         if self._xflip[idx]:
             image = image[:, :, ::-1]
-        return np.ascontiguousarray(image), self.get_label(idx)
+        return image.copy(order="C"), self.get_label(idx)  # the caller's own writable copy, never the cache
 
     def get_label(self, idx: int) -> np.ndarray:
         """float32 [label_dim]: one-hot for a class label, the vector itself otherwise, empty without labels."""

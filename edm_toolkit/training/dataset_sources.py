@@ -9,7 +9,6 @@ object, and .npz arrays are parsed from their .npy headers (object arrays refuse
 from __future__ import annotations
 
 import gzip
-import io
 import pickle
 import re
 import tarfile
@@ -21,7 +20,7 @@ from typing import IO, Callable, Iterator, Protocol
 import numpy as np
 
 from ..errors import EDMToolkitError
-from .dataset import ImageStore, decode_image, is_power_of_two
+from .dataset import ImageStore, decode_image
 
 @dataclass(frozen=True)
 class SourceImage:
@@ -192,17 +191,14 @@ def _key(key):
     return key.decode("latin1") if isinstance(key, bytes) else key
 
 
-def load_array_pickle(file: IO[bytes], where: str) -> dict:
-    """A pickled dict of numeric arrays / lists / numbers / bytes (CIFAR-10's batches, written by Python 2 or 3,
-    protocol <= 4), read without executing anything; bytes keys become str."""
+def load_array_pickle(file: IO[bytes], where: str):
+    """A pickle of numeric numpy arrays, possibly inside dicts and lists with numbers and bytes (CIFAR-10's
+    batches, written by Python 2 or 3, protocols 2-4), read without executing anything; bytes keys become str."""
     try:
-        obj = _resolve(_ArrayUnpickler(file, encoding="bytes").load())
+        return _resolve(_ArrayUnpickler(file, encoding="bytes").load())
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
         raise EDMToolkitError(f"{where} is not a plain pickle of arrays ({exc}); refusing to load it (a pickle "
-                              f"can execute code): use the original cifar-10-python.tar.gz") from None
-    if not isinstance(obj, dict):
-        raise EDMToolkitError(f"{where} holds a {type(obj).__name__}, not a CIFAR-10 batch dict")
-    return obj
+                              f"can execute code): use the original file") from None
 
 
 class Cifar10Source:
@@ -236,7 +232,7 @@ class Cifar10Source:
                     raise EDMToolkitError(f"{where} is not a regular file; download the tarball again")
                 with member:
                     batch = load_array_pickle(member, where)
-                data, labels = batch.get("data"), batch.get("labels")
+                data, labels = (batch.get("data"), batch.get("labels")) if isinstance(batch, dict) else (None, None)
                 if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
                         and data.shape[1] == 3 * 32 * 32 and isinstance(labels, list)
                         and len(labels) == data.shape[0]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import zipfile
@@ -48,7 +49,7 @@ def archive_name(idx: int) -> str:
 
 def _lanczos(image: np.ndarray, width: int, height: int) -> np.ndarray:
     mode = "L" if image.ndim == 2 else "RGB"
-    return np.asarray(Image.fromarray(image, mode).resize((width, height), Image.Resampling.LANCZOS))
+    return np.asarray(Image.fromarray(image, mode).resize((width, height), Image.LANCZOS))
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
@@ -123,10 +124,9 @@ class _ZipDestination:
     def __init__(self, dest: Path):
         dest.parent.mkdir(parents=True, exist_ok=True)
         self.dest = dest
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
-        self.zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED)
+        self.tmp = _temporary_name(dest)
+        self.file = open(self.tmp, "xb")
+        self.zip = zipfile.ZipFile(self.file, "w", compression=zipfile.ZIP_STORED)
 
     def write(self, name, data):
         self.zip.writestr(name, data)
@@ -136,11 +136,17 @@ class _ZipDestination:
 
     def commit(self):
         self.zip.close()
+        self.file.close()
         os.replace(self.tmp, self.dest)
 
     def abort(self):
-        self.zip.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self.zip.close()
+        except (OSError, ValueError):
+            pass  # the error that made us abort is the one to report
+        finally:
+            self.file.close()
+            self.tmp.unlink(missing_ok=True)
 
 
 class _FolderDestination:
@@ -150,7 +156,8 @@ class _FolderDestination:
                                   f"folder (or a .zip)")
         dest.parent.mkdir(parents=True, exist_ok=True)
         self.dest = dest
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        self.tmp = _temporary_name(dest)
+        self.tmp.mkdir()
 
     def write(self, name, data):
         path = self.tmp / name
@@ -167,6 +174,11 @@ class _FolderDestination:
 
     def abort(self):
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _temporary_name(dest: Path) -> Path:
+    """A hidden sibling of --dest; created by the caller with ordinary permissions (mkstemp's would be 0600)."""
+    return dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
 
 
 def open_destination(dest: str | Path) -> Destination:
