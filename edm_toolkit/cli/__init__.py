@@ -50,8 +50,10 @@ from . import fid as _fid  # noqa: E402
 from . import files as _files  # noqa: E402
 from . import generate as _generate  # noqa: E402
 from . import nll as _nll  # noqa: E402
+from . import phema as _phema  # noqa: E402
 from . import presets as _presets  # noqa: E402
 from . import solvers as _solvers  # noqa: E402
+from . import train as _train  # noqa: E402
 
 main.add_command(_generate.generate)
 main.add_command(_presets.presets)
@@ -59,5 +61,7 @@ main.add_command(_files.inspect)
 main.add_command(_files.convert)
 main.add_command(_solvers.solvers)
 main.add_command(_dataset.dataset)
+main.add_command(_train.train)
+main.add_command(_phema.phema)
 main.add_command(_fid.fid)
 main.add_command(_nll.nll)

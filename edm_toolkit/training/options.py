@@ -1,0 +1,136 @@
+"""Training options: EDM train.py's names and defaults, plus the toolkit's additions, validated once.
+
+Units as in train.py: --duration and --ema in Mimg, --tick in kimg, --snap and --dump in ticks. Additions:
+--preset/--loss (any registered loss with any preconditioner), --precision, --compile, --cond-drop, --phema
+(power EMAs to track), --lr-rampup (kimg; EDM's is fixed at 10000), --ema-rampup, --net-opt, --grid-seeds,
+--device, --resume DIR|auto.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError
+from ..losses import LOSSES
+from ..precond import PRECONDITIONERS
+from .ema import check_sigma_rel
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """One training run. Defaults are EDM train.py's (CIFAR-10 DDPM++ with EDM preconditioning and loss)."""
+
+    data: str
+    outdir: str
+    cond: bool = False
+    arch: str = "ddpmpp"
+    precond: str | None = None  # default: the preset's preconditioner, else edm
+    loss: str | None = None  # default: the preset's loss, else the one named like the preconditioner
+    preset: str | None = None
+    duration: float = 200.0  # Mimg
+    batch: int = 512
+    batch_gpu: int | None = None
+    cbase: int | None = None
+    cres: tuple[int, ...] | None = None
+    lr: float = 10e-4
+    lr_rampup: float = 10000.0  # kimg
+    ema: float = 0.5  # Mimg half-life
+    ema_rampup: float | None = 0.05
+    phema: tuple[float, ...] = ()  # sigma_rel of the power EMAs to track (EDM2: 0.05, 0.10)
+    dropout: float = 0.13
+    augment: float = 0.12
+    xflip: bool = False
+    precision: str = "fp32"
+    ls: float = 1.0
+    bench: bool = True
+    cache: bool = True
+    workers: int = 1
+    desc: str | None = None
+    nosubdir: bool = False
+    tick: float = 50.0  # kimg
+    snap: int = 50  # ticks
+    dump: int = 500  # ticks
+    seed: int | None = None
+    transfer: str | None = None
+    resume: str | None = None
+    cond_drop: float = 0.0
+    compile: bool = False
+    net_opts: dict[str, Any] = field(default_factory=dict)
+    grid_seeds: tuple[int, ...] | None = None
+    device: str | None = None
+
+    def __post_init__(self):
+        def need(condition, message):
+            if not condition:
+                raise ConfigError(message)
+
+        need(self.arch_known(), f"unknown --arch {self.arch!r}; choose one of: {', '.join(_architectures())}")
+        if self.precond is not None:
+            PRECONDITIONERS.get(self.precond)
+        if self.loss is not None:
+            LOSSES.get(self.loss)
+        need(self.precision in PRECISIONS, f"unknown --precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        need(_finite(self.duration) and self.duration > 0, f"--duration must be > 0 Mimg, got {self.duration}")
+        need(self.batch >= 1, f"--batch must be >= 1, got {self.batch}")
+        need(self.batch_gpu is None or self.batch_gpu >= 1, f"--batch-gpu must be >= 1, got {self.batch_gpu}")
+        need(self.cbase is None or self.cbase >= 1, f"--cbase must be >= 1, got {self.cbase}")
+        need(self.cres is None or (len(self.cres) > 0 and all(c >= 1 for c in self.cres)),
+             f"--cres must be a list of positive integers, got {self.cres}")
+        need(_finite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(_finite(self.lr_rampup) and self.lr_rampup >= 0, f"--lr-rampup must be >= 0 kimg, got {self.lr_rampup}")
+        need(_finite(self.ema) and self.ema >= 0, f"--ema must be >= 0 Mimg, got {self.ema}")
+        need(self.ema_rampup is None or (_finite(self.ema_rampup) and self.ema_rampup > 0),
+             f"--ema-rampup must be > 0, got {self.ema_rampup}")
+        for sigma_rel in self.phema:
+            check_sigma_rel(sigma_rel)
+        need(len(set(self.phema)) == len(self.phema), f"--phema lists a width twice: {list(self.phema)}")
+        need(0 <= self.dropout <= 1, f"--dropout must lie in [0, 1], got {self.dropout}")
+        need(0 <= self.augment <= 1, f"--augment must lie in [0, 1], got {self.augment}")
+        need(0 <= self.cond_drop <= 1, f"--cond-drop must lie in [0, 1], got {self.cond_drop}")
+        need(self.cond or self.cond_drop == 0, "--cond-drop needs a conditional model: add --cond 1")
+        need(_finite(self.ls) and self.ls > 0, f"--ls must be > 0, got {self.ls}")
+        need(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
+        need(_finite(self.tick) and self.tick > 0, f"--tick must be > 0 kimg, got {self.tick}")
+        need(self.snap >= 1 and self.dump >= 1, "--snap and --dump must be >= 1 tick")
+        need(self.seed is None or 0 <= self.seed < 1 << 63, f"--seed must be a non-negative integer, got {self.seed}")
+        need(self.transfer is None or self.resume is None, "--transfer and --resume cannot be given together")
+        need(self.grid_seeds is None or len(self.grid_seeds) > 0, "--grid-seeds is empty")
+        need(isinstance(self.net_opts, dict), "net_opts must be a dict")
+        need(self.desc is None or ("/" not in self.desc and self.desc.strip() == self.desc and self.desc != ""),
+             f"--desc must be a non-empty name without '/', got {self.desc!r}")
+
+    def arch_known(self) -> bool:
+        return self.arch in _architectures()
+
+    @property
+    def total_nimg(self) -> int:
+        return max(int(round(self.duration * 1e6)), 1)
+
+    def replace(self, **changes) -> "TrainingOptions":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for key in ("cres", "phema", "grid_seeds"):
+            if data[key] is not None:
+                data[key] = list(data[key])
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _architectures():
+    from .architectures import ARCHITECTURES
+
+    return ARCHITECTURES

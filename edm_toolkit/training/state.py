@@ -1,0 +1,102 @@
+"""Training-state files (training-state-{kimg:06d}.pt): everything a resumed run needs to continue exactly.
+
+A state is a ``torch.save`` of plain data -- tensors, numbers, strings, lists and dicts -- read back with
+``torch.load(weights_only=True)``: the network, its EMAs (half-life and power), the optimizer, the image count
+and tick counters, the seed and the options as JSON. No generator state is stored: every random draw of
+training is a function of (seed, image position) (streams.py).
+
+Files are written to a temporary name in the same directory, flushed to disk and renamed over the target, so
+a run killed at any moment leaves the previous complete state, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import CheckpointError
+
+FORMAT = "edm-toolkit/training-state"
+VERSION = 1
+STATE_PATTERN = re.compile(r"training-state-(\d+)\.pt")
+_REQUIRED = {"nimg": int, "cur_tick": int, "tick_start_nimg": int, "seed": int, "options": str, "denoiser": str,
+             "net": dict, "ema": dict, "power_ema": dict, "optimizer": dict, "elapsed_sec": float}
+
+
+def state_name(nimg: int) -> str:
+    return f"training-state-{nimg // 1000:06d}.pt"
+
+
+def write_atomic(path: str | Path, write: Callable[[Any], None]) -> None:
+    """Calls ``write(file)`` on a temporary file next to ``path``, syncs it and renames it to ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> None:
+    write_atomic(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **state}, f))
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """A training state, validated: its header, and the presence and types of its entries."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"training state {str(path)!r} not found")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # every torch.save file is a zip archive
+            raise CheckpointError(f"{path} is not an edm-toolkit training state; --resume takes a "
+                                  "training-state-*.pt written by 'edm train' or its run directory")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path} is not a readable training state ({first_line[:160]}); it may be truncated: "
+                              "resume from an earlier training-state file") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an edm-toolkit training state (no '{FORMAT}' header); "
+                              "--resume takes a training-state-*.pt written by 'edm train' or its run directory")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path} has training-state version {state.get('version')!r}; this toolkit reads {VERSION}")
+    for key, kind in _REQUIRED.items():
+        if not isinstance(state.get(key), kind):
+            raise CheckpointError(f"{path} is a damaged training state: entry {key!r} is missing or malformed")
+    for key in ("options", "denoiser"):
+        try:
+            state[key] = json.loads(state[key])
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{path} is a damaged training state: entry {key!r} is not JSON") from None
+    return state
+
+
+def latest_state(directory: str | Path) -> Path | None:
+    """The training state of the highest kimg in ``directory`` (None if there is none)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STATE_PATTERN.fullmatch(p.name)) and p.is_file()]
+    return max(found)[1] if found else None
+
+
+def remove_stale_temporaries(directory: str | Path, prefixes: tuple[str, ...]) -> None:
+    """Deletes the temporary files (".NAME.XXXX[.tmp]", NAME starting with one of ``prefixes``) that a killed run
+    left behind in its run directory."""
+    for path in Path(directory).iterdir():
+        if path.name.startswith(tuple("." + p for p in prefixes)) and path.is_file():
+            path.unlink(missing_ok=True)
