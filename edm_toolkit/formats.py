@@ -259,35 +259,35 @@ def check_geometry(what: str, img_resolution: Any, img_channels: Any, label_dim:
             raise CheckpointError(f"{what} declares {name}={value!r}; the toolkit reads 0 to {limit:,}")
 
 
-def check_arguments(value: Any, what: str, depth: int = 0) -> None:
+def check_arguments(value: Any, what: str, name: str = "", depth: int = 0) -> None:
     """Constructor arguments read from a file are plain data of bounded size: numbers of at most 2^31 - 1,
     strings of at most 256 characters, lists of at most 64 entries and tables of at most 256, nested at most
     6 deep. (How large a network they describe is bounded by :func:`construction_budget`.)"""
+    where = f"{what}: {name or 'a constructor argument'}"
     if depth > MAX_DEPTH:
-        raise CheckpointError(f"{what}: constructor arguments nested more than {MAX_DEPTH} deep")
+        raise CheckpointError(f"{where} is nested more than {MAX_DEPTH} deep")
     if value is None or isinstance(value, (bool, float)):
         return
     if isinstance(value, int):
         if abs(value) > MAX_ARGUMENT:
-            raise CheckpointError(f"{what}: constructor argument {value} is out of range (at most {MAX_ARGUMENT:,})")
+            raise CheckpointError(f"{where}={value} is out of range (at most {MAX_ARGUMENT:,})")
     elif isinstance(value, str):
         if len(value) > 256:
-            raise CheckpointError(f"{what}: a constructor argument is a string of {len(value):,} characters")
+            raise CheckpointError(f"{where} is a string of {len(value):,} characters (at most 256)")
     elif isinstance(value, (list, tuple)):
         if len(value) > MAX_LIST:
-            raise CheckpointError(f"{what}: a constructor argument is a list of {len(value):,} entries (at most "
-                                  f"{MAX_LIST})")
+            raise CheckpointError(f"{where} is a list of {len(value):,} entries (at most {MAX_LIST})")
         for item in value:
-            check_arguments(item, what, depth + 1)
+            check_arguments(item, what, name, depth + 1)
     elif isinstance(value, Mapping):
         if len(value) > MAX_TABLE:
-            raise CheckpointError(f"{what}: a constructor argument is a table of {len(value):,} entries")
+            raise CheckpointError(f"{where} is a table of {len(value):,} entries (at most {MAX_TABLE})")
         for key, item in value.items():
             if not isinstance(key, str):
-                raise CheckpointError(f"{what}: constructor argument names must be strings, got {key!r:.40}")
-            check_arguments(item, f"{what}", depth + 1)
+                raise CheckpointError(f"{what}: argument names must be strings, got {key!r:.40}")
+            check_arguments(item, what, f"{name}.{key}" if name else key, depth + 1)
     else:
-        raise CheckpointError(f"{what}: a constructor argument is a {type(value).__name__}, not plain data")
+        raise CheckpointError(f"{where} is a {type(value).__name__}, not plain data")
 
 
 _FACTORIES = frozenset({

@@ -90,9 +90,14 @@ def read_torch(path: Path) -> Any:
     size = path.stat().st_size
     with open(path, "rb") as stream:
         head = stream.read(16)
-    if sniff_container(head, size) == "torch-legacy":
+    kind = sniff_container(head, size)
+    if kind == "torch-legacy":
         raise CheckpointError(f"{path} is a legacy torch file (saved by torch < 1.6), which cannot be read with "
                               "bounded memory; load and save it again with a current torch.save")
+    if kind in ("pickle", "safetensors"):
+        other = ("a plain pickle (EDM network pickles are read by edm_toolkit.loading.load_denoiser, "
+                 "edm generate --network)" if kind == "pickle" else "a safetensors file")
+        raise CheckpointError(f"{path} is {other}, not a torch checkpoint (the zip file torch.save writes)")
     try:
         with zipfile.ZipFile(path) as archive:
             check_zip_records(archive, size, str(path))

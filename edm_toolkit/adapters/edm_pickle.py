@@ -49,7 +49,7 @@ from ..formats import (
 from ..networks.dhariwal_unet import DhariwalUNet
 from ..networks.song_unet import SongUNet
 from ..precond import EDMPrecond, IDDPMPrecond, Preconditioner, VEPrecond, VPPrecond
-from ..tensorfile import check_view, check_zip_records
+from ..tensorfile import check_tensors, check_view, check_zip_records
 
 __all__ = ["EDM_PICKLE", "inspect_edm_pickle", "load_edm_network", "read_edm_pickle"]
 
@@ -497,17 +497,20 @@ def _plain(value):
         converted[id(item)] = (item, result)
         return result
 
-    return convert(value)
+    try:
+        return convert(value)
+    except RecursionError:
+        raise CheckpointError("data nested too deeply") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Rebuilding networks
 
 
-def _module_tensors(node: PersistentObject, parameters_only: bool = False) -> dict[str, torch.Tensor]:
+def _module_tensors(node: PersistentObject) -> dict[str, torch.Tensor]:
     """The state_dict of a pickled module tree: _parameters and persistent _buffers by qualified name."""
     tensors: dict[str, torch.Tensor] = {}
-    groups = ("_parameters",) if parameters_only else ("_parameters", "_buffers")
+    groups = ("_parameters", "_buffers")
     pending, seen = [("", node)], set()
     while pending:
         prefix, module = pending.pop()
@@ -516,6 +519,8 @@ def _module_tensors(node: PersistentObject, parameters_only: bool = False) -> di
         seen.add(id(module))
         state = module.state
         skipped = state.get("_non_persistent_buffers_set") or set()
+        if not isinstance(skipped, (set, frozenset, list, tuple)):
+            raise CheckpointError(f"{prefix}_non_persistent_buffers_set of {module.class_name} is not a set")
         for group in groups:
             entries = state.get(group) or {}
             if not isinstance(entries, dict):
@@ -568,9 +573,12 @@ def _bind_arguments(node: PersistentObject, spec: _PrecondSpec) -> dict[str, Any
 def _architecture(node: PersistentObject, bound: dict[str, Any]) -> type[nn.Module]:
     """The backbone class named by model_type, checked against the pickled submodule ``model``."""
     model_type = bound["model_type"]
-    if model_type not in BACKBONES:
-        raise CheckpointError(f"model_type {model_type!r} is not supported (only {', '.join(BACKBONES)})")
-    child = (node.state.get("_modules") or {}).get("model")
+    if not isinstance(model_type, str) or model_type not in BACKBONES:
+        raise CheckpointError(f"model_type {model_type!r:.80} is not supported (only {', '.join(BACKBONES)})")
+    children = node.state.get("_modules") or {}
+    if not isinstance(children, dict):
+        raise CheckpointError(f"_modules of {node.class_name} is not a dict")
+    child = children.get("model")
     if not isinstance(child, PersistentObject) or child.class_name != model_type:
         found = child.class_name if isinstance(child, PersistentObject) else type(child).__name__
         raise CheckpointError(f"{node.class_name} records model_type {model_type!r} but its pickled model is a {found}")
@@ -609,8 +617,10 @@ def _plan(node, key: str) -> _Plan:
         raise CheckpointError(f"{what} records {sorted(set(arguments) & set(backbone_kwargs))}, which EDM sets itself")
     backbone_kwargs.update(arguments)
 
+    tensors = _module_tensors(node)
+    check_tensors(tensors, what)  # views that share stored values would be copied apart when loaded
     return _Plan(what, lambda: backbone_cls(**backbone_kwargs), lambda backbone: spec.cls(backbone, **geometry, **own),
-                 _module_tensors(node), bound, spec)
+                 tensors, bound, spec)
 
 
 def _verified(plan: _Plan) -> nn.Module:
