@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import CheckpointError, CheckpointWarning
 from .networks.registry import build_network
-from .tensorfile import read_safetensors, read_torch, sniff_container
+from .tensorfile import check_zip_records, read_safetensors, read_torch, sniff_container
 
 __all__ = [
     "FORMATS", "MODEL_TYPES", "FileFormat", "FileSource", "LoadOptions", "ModelType", "check_arguments",
@@ -137,11 +137,10 @@ class FileSource:
             return False
         try:
             with zipfile.ZipFile(self.path) as archive:
+                check_zip_records(archive, self.size, str(self))
                 names = [name for name in archive.namelist() if name.endswith("/data.pkl") and name.count("/") == 1]
-                if len(names) != 1 or archive.getinfo(names[0]).file_size > self.size:
-                    return False
-                return text in archive.read(names[0])
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+                return len(names) == 1 and text in archive.read(names[0])
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError):  # CheckpointError included: not sniffed
             return False
 
 
