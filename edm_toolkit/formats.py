@@ -35,10 +35,10 @@ from .networks.registry import build_network
 from .tensorfile import check_zip_records, read_safetensors, read_torch, sniff_container
 
 __all__ = [
-    "FORMATS", "MODEL_TYPES", "FileFormat", "FileSource", "LoadOptions", "ModelType", "check_arguments",
-    "check_geometry", "construction_budget", "dtype_summary", "identify", "layout_mismatch", "load_network",
-    "load_wrapper",
-    "materialize", "model_config", "register_format", "register_model_type", "verify", "warn",
+    "FORMATS", "MODEL_TYPES", "FileFormat", "FileSource", "LoadOptions", "ModelType", "OverBudget",
+    "check_arguments", "check_geometry", "check_options", "construct", "construction_budget", "dtype_summary",
+    "identify", "layout_mismatch", "load_network", "load_wrapper", "materialize", "model_config", "register_format",
+    "register_model_type", "registered_network", "shapes", "verify", "warn",
 ]
 
 # Sane bounds on what a file may ask the toolkit to allocate per image (generate draws float64 latents of
