@@ -10,7 +10,8 @@ See docs/api.md for the whole public API.
 
 __version__ = "0.1.0"
 
-from .checkpoints import load_model, save_model
+from .checkpoints import save_model
+from .loading import load_model
 from .default_model import default_model
 from .discrete import StepGrid
 from .discretizations import (

@@ -2,42 +2,41 @@
 
 A model file is a ``torch.save`` of a plain dict {"format", "version", "config" (JSON text), "state_dict"}
 and is read back with ``torch.load(weights_only=True)``, which admits only tensors and plain containers; or,
-when the path ends in ``.safetensors`` (optional extra ``safetensors``), a safetensors file whose metadata holds
-the same header and JSON config. The
-config names a model type from a closed registry (no class names are looked up at run time) together with its
-constructor arguments; the weights then load with strict key and shape checks.
+when the path ends in ``.safetensors``, a safetensors file whose metadata holds the same header and JSON config
+(read and written by :mod:`edm_toolkit.tensorfile`, no extra package needed). The config names a model type
+from the closed registry of :mod:`edm_toolkit.formats` (no class names are looked up at run time) together
+with its constructor arguments; the model is rebuilt within the bounds the tensors set and its weights are
+loaded with strict key and shape checks. Files are recognised by content, whatever their name.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import pickle
-import tempfile
-import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .formats import (
+    MODEL_TYPES, FileSource, LoadOptions, check_geometry, construct, dtype_summary, layout_mismatch, load_wrapper,
+    model_config, register_format, register_model_type, shapes,
+)
 from .ideal import IdealDenoiser
-from .networks.registry import build_network, network_config
+from .networks.registry import network_config
 from .precond import Preconditioner, build_precond
+from .tensorfile import write_atomically, write_safetensors
+
+__all__ = ["FORMAT", "TOOLKIT", "VERSION", "read_model_file", "save_model"]
 
 FORMAT = "edm-toolkit/model"
 VERSION = 1
 
-# Model types that a model file may name: type -> (config of a module, module built from a config).
-_CONFIG_OF: dict[type, Callable[[nn.Module], dict[str, Any]]] = {}
-_BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {}
 
-
-def register_model_type(name: str, cls: type, to_config: Callable, from_config: Callable) -> None:
-    """Makes ``cls`` storable in model files under the type ``name``."""
-    _CONFIG_OF[cls] = lambda module: {"type": name, **to_config(module)}
-    _BUILDERS[name] = from_config
+# ----------------------------------------------------------------------------------------------------------
+# Model types of the toolkit itself (the adapters register theirs)
 
 
 def _ideal_config(model: IdealDenoiser) -> dict[str, Any]:
@@ -45,22 +44,18 @@ def _ideal_config(model: IdealDenoiser) -> dict[str, Any]:
             "labelled": model.labels is not None}
 
 
-def _ideal_from_config(config: dict[str, Any]) -> IdealDenoiser:
-    shape = [int(n) for n in config["shape"]]
-    labels = torch.zeros(shape[0], dtype=torch.int64) if config.get("labelled") else None
-    return IdealDenoiser(torch.zeros(shape, dtype=torch.float64), labels, int(config.get("label_dim", 0)),
-                         float(config.get("width", 0.0)))
+def _ideal_from_config(config: dict[str, Any], tensors: Mapping[str, torch.Tensor], what: str) -> IdealDenoiser:
+    data, labels = tensors.get("data"), tensors.get("labels")
+    if data is None or list(data.shape) != list(config["shape"]) or (labels is None) == bool(config.get("labelled")):
+        raise CheckpointError(f"the weights do not match {what} (its data must be a tensor of shape {config['shape']}"
+                              f"{' with labels' if config.get('labelled') else ''})")
+    model = construct(lambda: IdealDenoiser(data, labels, int(config.get("label_dim", 0)),
+                                            float(config.get("width", 0.0))), what)
+    check_geometry(what, model.img_resolution, model.img_channels, model.label_dim)
+    return model
 
 
 register_model_type("ideal", IdealDenoiser, _ideal_config, _ideal_from_config)
-
-
-def build_backbone(config: dict[str, Any]) -> nn.Module:
-    """A registered network from {"type", "kwargs"}, allocated without a random initialisation when possible."""
-    module = build_network(config, device="meta")
-    if {name for name, _ in module.named_buffers()} - set(module.state_dict()):
-        return build_network(config)  # an unsaved buffer must be computed by the constructor
-    return module.to_empty(device="cpu")
 
 
 def _precond_config(model: Preconditioner) -> dict[str, Any]:
@@ -74,119 +69,121 @@ def _precond_config(model: Preconditioner) -> dict[str, Any]:
             "network": network}
 
 
-def _precond_from_config(config: dict[str, Any]) -> Preconditioner:
-    return build_precond(config["precond"], build_backbone(config["network"]),
-                         img_resolution=config["img_resolution"], img_channels=config["img_channels"])
+def _precond_from_config(config: dict[str, Any], tensors: Mapping[str, torch.Tensor], what: str) -> Preconditioner:
+    geometry = {"img_resolution": config["img_resolution"], "img_channels": config["img_channels"]}
+    check_geometry(what, geometry["img_resolution"], geometry["img_channels"], config["precond"].get("label_dim", 0))
+    return load_wrapper(config["network"], tensors, "model", what,
+                        lambda network: build_precond(config["precond"], network, **geometry))
 
 
 register_model_type("precond", Preconditioner, _precond_config, _precond_from_config)
 
 
-def model_config(model: nn.Module) -> dict[str, Any]:
-    for cls in type(model).__mro__:
-        if cls in _CONFIG_OF:
-            return _CONFIG_OF[cls](model)
-    raise CheckpointError(f"cannot save a {type(model).__name__}: it is not a model type of this toolkit")
-
-
-def _safetensors():
-    try:
-        import safetensors.torch
-    except ModuleNotFoundError:
-        raise CheckpointError("the .safetensors format needs the optional package: pip install safetensors "
-                              "(or use a .pt path)") from None
-    return safetensors.torch
+# ----------------------------------------------------------------------------------------------------------
+# Writing and reading
 
 
 def save_model(model: nn.Module, path: str | Path) -> None:
-    """Writes ``model`` as a toolkit model file (atomically); ``.safetensors`` paths use that format."""
+    """Writes ``model`` as a toolkit model file, atomically (``.safetensors`` paths use that format), with the
+    mode a plain ``open`` gives; refuses to replace anything but a regular file."""
     path = Path(path)
     config = json.dumps(model_config(model))
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
-            _safetensors().save_file(state_dict, tmp, metadata={"format": FORMAT, "version": str(VERSION), "config": config})
-        else:
-            torch.save({"format": FORMAT, "version": VERSION, "config": config, "state_dict": state_dict}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_model_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, state_dict) of a toolkit model file, validated, without building the model."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"model file {str(path)!r} not found")
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path} is not an edm-toolkit model file ({first_line[:160]}); "
-            "convert other checkpoints with 'edm convert'"
-        ) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an edm-toolkit model file (no '{FORMAT}' header)")
+        metadata = {"format": FORMAT, "version": str(VERSION), "config": config}
+        write_atomically(path, lambda stream: write_safetensors(stream, state_dict, metadata))
+    else:
+        payload = {"format": FORMAT, "version": VERSION, "config": config, "state_dict": state_dict}
+        write_atomically(path, lambda stream: torch.save(payload, stream))
+
+
+def read_model_file(path: str | Path | FileSource) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, state_dict) of a toolkit model file (torch zip or safetensors), validated, without building
+    the model."""
+    source = path if isinstance(path, FileSource) else FileSource(path)
+    if source.container == "safetensors":
+        metadata, state_dict = source.safetensors()
+        if metadata.get("format") != FORMAT or metadata.get("version") != str(VERSION):
+            raise CheckpointError(f"{source} is not an edm-toolkit model file (no '{FORMAT}' v{VERSION} metadata)")
+        return _config(metadata.get("config"), source), state_dict
+    if source.container != "torch-zip":
+        raise CheckpointError(f"{source} is not an edm-toolkit model file; convert other checkpoints with "
+                              "'edm convert'")
+    payload = source.torch_object()
+    if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{source} is not an edm-toolkit model file (no '{FORMAT}' header); convert other "
+                              "checkpoints with 'edm convert'")
     if payload.get("version") != VERSION:
-        raise CheckpointError(f"{path} has model-file version {payload.get('version')!r}; this toolkit reads version {VERSION}")
-    try:
-        config = json.loads(payload["config"])
-    except (KeyError, TypeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path} has a missing or malformed config") from None
+        raise CheckpointError(f"{source} has model-file version {payload.get('version')!r}; this toolkit reads "
+                              f"version {VERSION}")
     state_dict = payload.get("state_dict")
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise CheckpointError(f"{path} has a missing or malformed state_dict")
-    return config, state_dict
+    if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in state_dict.items()):
+        raise CheckpointError(f"{source} has a missing or malformed state_dict")
+    return _config(payload.get("config"), source), dict(state_dict)
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    st = _safetensors()
-    from safetensors import safe_open
-
+def _config(text: Any, source: FileSource) -> dict[str, Any]:
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        state_dict = st.load_file(str(path))
-    except Exception as exc:  # the library raises its own error types for damaged files
-        raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:160]})") from None
-    if metadata.get("format") != FORMAT or metadata.get("version") != str(VERSION):
-        raise CheckpointError(f"{path} is not an edm-toolkit model file (no '{FORMAT}' v{VERSION} metadata)")
+        config = json.loads(text)
+    except (TypeError, json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{source} has a missing or malformed config") from None
+    if not isinstance(config, dict) or config.get("type") not in MODEL_TYPES:
+        kind = config.get("type") if isinstance(config, dict) else None
+        raise CheckpointError(f"{source}: unknown model type {kind!r} in its config; known types: "
+                              f"{', '.join(MODEL_TYPES)}")
+    return config
+
+
+def model_from_file(source: FileSource) -> nn.Module:
+    """The model of a toolkit model file, rebuilt within the bounds its tensors set, weights loaded strictly."""
+    config, state_dict = read_model_file(source)
+    kind = config["type"]
+    what = f"the {kind} model of {source}"
     try:
-        return json.loads(metadata["config"]), state_dict
-    except (KeyError, json.JSONDecodeError):
-        raise CheckpointError(f"{path} has a missing or malformed config") from None
+        model = MODEL_TYPES[kind].from_config(config, state_dict, what)
+    except (KeyError, TypeError, AttributeError) as exc:  # a config entry missing or of the wrong kind
+        raise CheckpointError(f"{source}: bad {kind} model config ({type(exc).__name__}: {exc})") from None
+    problem = layout_mismatch(shapes(model.state_dict()), shapes(state_dict))
+    if problem:
+        raise CheckpointError(f"{source}: the weights do not match the config ({problem})")
+    return model.eval().requires_grad_(False)
 
 
-def build_model(config: dict[str, Any]) -> nn.Module:
-    """Builds an (untrained) model from a model-file config."""
-    _register_adapters()
-    kind = config.get("type") if isinstance(config, dict) else None
-    if kind not in _BUILDERS:
-        raise CheckpointError(f"unknown model type {kind!r} in model config; known types: {', '.join(_BUILDERS)}")
-    try:
-        return _BUILDERS[kind](config)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"bad {kind} model config: {exc}") from None
+class ToolkitFormat:
+    """The toolkit's own model file (``save_model``, ``edm convert``), in a torch zip or safetensors."""
+
+    name = "edm-toolkit"
+    options = frozenset()  # the config is in the file
+
+    def sniff(self, source: FileSource) -> bool:
+        if source.container == "safetensors":
+            try:
+                return source.safetensors()[0].get("format") == FORMAT
+            except CheckpointError:
+                return False
+        payload = source.readable_torch_object()
+        return isinstance(payload, Mapping) and payload.get("format") == FORMAT
+
+    def inspect(self, source: FileSource, options: LoadOptions) -> dict[str, Any]:
+        config, state_dict = read_model_file(source)
+        net = model_from_file(source)
+        return {
+            "family": self.name,
+            "type": config["type"],
+            "architecture": (config.get("network") or {}).get("type", config["type"]),
+            "parameters": sum(p.numel() for p in net.parameters()),
+            "label_dim": net.label_dim,
+            "img_resolution": net.img_resolution,
+            "img_channels": net.img_channels,
+            "sigma_min": float(net.sigma_min),
+            "sigma_max": float(net.sigma_max),
+            "dtype": dtype_summary(state_dict),
+            "config": config,
+        }
+
+    def load(self, source: FileSource, options: LoadOptions) -> nn.Module:
+        return model_from_file(source)
 
 
-def _register_adapters() -> None:
-    """The adapter modules register their model types on import."""
-    from .adapters import openai, score_sde  # noqa: F401
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """Loads a toolkit model file: builds the model from its config and loads its weights strictly."""
-    config, state_dict = read_model_file(path)
-    model = build_model(config)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match the config ({str(exc).splitlines()[0]})") from None
-    return model.eval().requires_grad_(False).to(device)
+TOOLKIT = register_format(ToolkitFormat())

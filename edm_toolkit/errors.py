@@ -11,3 +11,9 @@ class ConfigError(EDMToolkitError):
 
 class CheckpointError(EDMToolkitError):
     """A model file that cannot be read safely or is not of a supported format."""
+
+
+class CheckpointWarning(UserWarning):
+    """Something about a model file that a user must know but that is no error (e.g. embedded code that is not
+    the official one, or training weights used because the file has no EMA weights); the CLI prints it as one
+    ``Warning: ...`` line."""

@@ -15,9 +15,10 @@ from edm_toolkit.adapters.openai import (
     load_openai_classifier,
 )
 from edm_toolkit.discrete import named_beta_schedule
-from edm_toolkit.checkpoints import load_model, save_model
+from edm_toolkit.adapters.openai_flags import RELEASED_CHECKPOINTS, format_model_flags, released_network
+from edm_toolkit.checkpoints import save_model
 from edm_toolkit.errors import CheckpointError
-from edm_toolkit.networks.openai_unet import RELEASED_CHECKPOINTS, format_model_flags, released_network
+from edm_toolkit.loading import load_model
 
 FIXTURE_CLASSES = 10  # the fixtures were generated with script_util.NUM_CLASSES = 10
 # What the weights of the 16x16 fixtures cannot tell (gd_unet_legacy: legacy attention order, 2 heads).

@@ -6,11 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edm_toolkit.networks.openai_unet import (
+from edm_toolkit.adapters.openai_flags import (
     RELEASED_CHECKPOINTS,
-    EncoderUNetModel,
-    SuperResModel,
-    UNetModel,
     classifier_from_flags,
     create_model,
     format_model_flags,
@@ -18,6 +15,7 @@ from edm_toolkit.networks.openai_unet import (
     parse_model_flags,
     released_network,
 )
+from edm_toolkit.networks.openai_unet import EncoderUNetModel, SuperResModel, UNetModel
 
 FIXTURE_CLASSES = 10  # the fixtures were generated with script_util.NUM_CLASSES = 10
 
@@ -341,3 +339,71 @@ def test_input_validation():
         torch.testing.assert_close(net(x, torch.tensor(7), y), net(x, torch.tensor([7, 7]), y))
     with pytest.raises(ValueError, match="low_res"):
         SuperResModel(16, 3, 32, 3, 1, (2,), channel_mult=(1, 2))(x, t)
+
+
+# ---------------------------------------------------------------------------------------------
+# model files written before the trunk took one ADMConfig still load
+
+
+# What the registry recorded for these fixture networks before the ADMConfig refactor (commit 1ffa2bb):
+# UNetModel and EncoderUNetModel recorded their whole signature, SuperResModel (with *args, **kwargs) only
+# what it was given.
+OLD_RECORDED = {
+    "gd_unet_legacy": {"type": "openai_unet", "kwargs": {
+        "image_size": 16, "in_channels": 3, "model_channels": 32, "out_channels": 6, "num_res_blocks": 1,
+        "attention_resolutions": [2], "dropout": 0.0, "channel_mult": [1, 2], "conv_resample": True, "dims": 2,
+        "num_classes": 10, "use_checkpoint": False, "use_fp16": False, "num_heads": 2, "num_head_channels": -1,
+        "num_heads_upsample": -1, "use_scale_shift_norm": True, "resblock_updown": True,
+        "use_new_attention_order": False}},
+    "gd_superres": {"type": "openai_superres", "kwargs": {
+        "image_size": 16, "in_channels": 3, "num_head_channels": -1, "resblock_updown": True, "use_fp16": False,
+        "use_new_attention_order": False, "model_channels": 32, "out_channels": 6, "num_res_blocks": 1,
+        "attention_resolutions": [2], "dropout": 0.0, "channel_mult": [1, 2], "num_classes": 10, "num_heads": 2,
+        "num_heads_upsample": -1, "use_scale_shift_norm": True}},
+    "gd_classifier_attention": {"type": "openai_classifier", "kwargs": {
+        "image_size": 16, "in_channels": 3, "model_channels": 32, "out_channels": 10, "num_res_blocks": 1,
+        "attention_resolutions": [1, 2], "dropout": 0, "channel_mult": [1, 2], "conv_resample": True, "dims": 2,
+        "use_checkpoint": False, "use_fp16": False, "num_heads": 1, "num_head_channels": 16,
+        "num_heads_upsample": -1, "use_scale_shift_norm": True, "resblock_updown": True,
+        "use_new_attention_order": False, "pool": "attention"}},
+}
+
+
+@pytest.mark.parametrize("name", list(OLD_RECORDED))
+def test_networks_build_from_their_old_recorded_arguments(load_fixture, name):
+    from edm_toolkit.networks.registry import build_network, network_config
+
+    fx = load_fixture(name)
+    net = _loaded(build_network(OLD_RECORDED[name]), _weights(load_fixture, name))
+    x, t = fx.inputs["x"], fx.inputs["t"]
+    with torch.no_grad():
+        if name == "gd_classifier_attention":
+            _close(net(x, t), fx.outputs["logits"], fx.meta["tolerance"]["logits"])
+        else:
+            extra = {"low_res": fx.inputs["low_res"]} if name == "gd_superres" else {}
+            _close(net(x, t, y=fx.inputs["y"], **extra), fx.outputs["out"], fx.meta["tolerance"])
+    recorded = network_config(net)
+    assert recorded["type"] == OLD_RECORDED[name]["type"]
+    old = OLD_RECORDED[name]["kwargs"]
+    assert {k: v for k, v in recorded["kwargs"].items() if k in old} == old  # the record is the same data
+
+
+def test_a_model_file_saved_before_the_refactor_loads(load_fixture, tmp_path):
+    """A toolkit model file of an OpenAIDenoiser as save_model wrote it before (config JSON + weights)."""
+    import json
+
+    from edm_toolkit.checkpoints import FORMAT
+    from edm_toolkit.loading import load_model
+
+    fx = load_fixture("gd_unet_legacy")
+    config = {"type": "openai", "network": OLD_RECORDED["gd_unet_legacy"], "diffusion": {
+        "noise_schedule": "cosine", "diffusion_steps": 1000, "learn_sigma": True, "sigma_small": False,
+        "predict_xstart": False, "rescale_timesteps": False}, "codebase": "guided", "flags": {},
+        "label_dim": 10, "img_resolution": 16, "img_channels": 3}
+    path = tmp_path / "old.pt"
+    torch.save({"format": FORMAT, "version": 1, "config": json.dumps(config),
+                "state_dict": {f"model.{k}": v for k, v in fx.state_dict.items()}}, path)
+    denoiser = load_model(path)
+    with torch.no_grad():
+        out = denoiser.model(fx.inputs["x"], fx.inputs["t"], fx.inputs["y"])
+    _close(out, fx.outputs["out"], fx.meta["tolerance"])

@@ -25,7 +25,7 @@ from edm_toolkit.networks.score_sde import (
     published_config,
     upsample_2d,
 )
-from edm_toolkit.networks.score_sde_checkpoint import (
+from edm_toolkit.adapters.score_sde_checkpoint import (
     ema_parameter_names,
     load_score_sde_checkpoint,
     score_sde_state_dict,
@@ -242,9 +242,9 @@ def _malformed(ckpt: dict, problem: str) -> dict:
     ("shadow shape", True,
      r"shadow_params'\]\[5\] has shape \(7,\) but parameter 'all_modules.2.bias' has shape \(16,\)"),
     ("shadow not tensor", True, r"shadow_params'\]\[2\] is a list, not a tensor"),
-    ("missing model key", False, r"missing keys \['all_modules.2.bias'\]"),
+    ("missing model key", False, r"missing 1: all_modules.2.bias"),
     ("missing model key", True, r"has no parameter 'all_modules.2.bias'"),
-    ("model shape", False, r"all_modules.2.bias: checkpoint \(7,\) vs model \(16,\)"),
+    ("model shape", False, r"wrong shape 1: all_modules.2.bias \[7\] \(expected \[16\]\)"),
 ])
 def test_malformed_checkpoints_raise_clear_errors(load_fixture, problem, use_ema, message):
     fx = load_fixture("sde_ddpmpp_vp")

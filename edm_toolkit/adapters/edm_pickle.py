@@ -9,11 +9,17 @@ network class is a ``torch_utils.persistence`` class: it pickles as a call
 
 This reader never does. It unpickles with an explicit allowlist of globals, each mapped to a handler of its
 own that only builds data: persistent objects become :class:`PersistentObject` records (their source text is
-ignored), tensors are rebuilt from their storages, numpy scalars become Python numbers. Any other global
+only hashed), tensors are rebuilt from their storages (each checked to be a plain view,
+:func:`~edm_toolkit.tensorfile.check_view`), numpy scalars become Python numbers. Any other global
 (``os.system``, ``builtins.eval``, ...) and any unknown persistent class name raises
 :class:`~edm_toolkit.errors.CheckpointError`. The networks are then built from the toolkit's own classes
 (:mod:`edm_toolkit.precond`, ``SongUNet``, ``DhariwalUNet``) with the constructor arguments that EDM records
-(``_init_args`` / ``_init_kwargs``) and all tensors are loaded by name with ``strict=True``.
+(``_init_args`` / ``_init_kwargs``), checked first on the meta device against the tensors in the file
+(:func:`~edm_toolkit.formats.verify`), and all tensors are loaded by name with ``strict=True``.
+
+An embedded source that is not one of NVlabs/edm's released module files (known by their SHA-256) draws a
+:class:`~edm_toolkit.errors.CheckpointWarning`: EDM's own loader would run that code, which may compute
+something else than the toolkit's implementation that is used here.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import contextlib
+import hashlib
 import io
 import os
 import pickle
@@ -36,14 +43,27 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..formats import (
+    FileSource, LoadOptions, check_arguments, check_geometry, dtype_summary, materialize, register_format, verify, warn,
+)
 from ..networks.dhariwal_unet import DhariwalUNet
 from ..networks.song_unet import SongUNet
 from ..precond import EDMPrecond, IDDPMPrecond, Preconditioner, VEPrecond, VPPrecond
+from ..tensorfile import check_tensors, check_view, check_zip_records
 
-__all__ = ["inspect_edm_pickle", "load_edm_network", "read_edm_pickle"]
+__all__ = ["EDM_PICKLE", "inspect_edm_pickle", "load_edm_network", "read_edm_pickle"]
 
 FAMILY = "edm-pickle"
 PERSISTENCE_VERSION = 6  # torch_utils.persistence._version of NVlabs/edm
+# SHA-256 of the module sources NVlabs/edm's pickles embed (inspect.getsource of the module): training/networks.py
+# at the initial release (0a2ff34, 2022-10-31) and after its one change (b2a26c9, 2022-11-21, unchanged through
+# 008a4e5), training/loss.py and training/augment.py (unchanged since 0a2ff34).
+OFFICIAL_SOURCES = {
+    "2294828d5f59f5fd008f7141e6b8af2095918f2ce019f280a933e4779b5c3cef": "training/networks.py@0a2ff34",
+    "5db27dcd96674b95c72d5e6491b879cdc35e24039ada3411b4b46a28ed1fe284": "training/networks.py@b2a26c9",
+    "b26f0937bc72b18cc5f9869c86035ca9b872138cdfae7994237e9733951e4415": "training/loss.py@0a2ff34",
+    "fd411af7c2d74489ce11a245293047369fc044d00a9aeed1c0bd46b322c8a8b5": "training/augment.py@0a2ff34",
+}
 
 PathOrFile = Union[str, os.PathLike, IO[bytes]]
 
@@ -69,6 +89,10 @@ _LAYERS = frozenset({"Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEm
 NETWORK_CLASSES = frozenset(PRECONDITIONERS) | frozenset(BACKBONES) | _LAYERS
 DATA_CLASSES = frozenset({"VPLoss", "VELoss", "EDMLoss", "AugmentPipe"})
 _GEOMETRY = ("img_resolution", "img_channels", "label_dim", "use_fp16")
+# What malformed pickle data raises inside the unpickler and the handlers (truncation, wrong argument types
+# or counts, bad memo references, nesting); anything else is a bug, not a malformed file.
+_MALFORMED = (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, OverflowError,
+              RecursionError, RuntimeError, zipfile.BadZipFile)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,13 +196,50 @@ def _numpy_scalar(dtype, data):
 
 
 def _storage_from_legacy_bytes(data):
-    """torch.storage._load_from_bytes: the bytes are a legacy torch.save of one storage, read weights-only."""
+    """torch.storage._load_from_bytes(data): a legacy ``torch.save`` of one storage, read restrictedly.
+
+    The stream is torch's magic number, protocol version and system info, the storage's persistent id
+    ``('storage', <type>, key, location, numel, None)``, the key list, then the element count (8 bytes) and the
+    raw bytes. The count is checked against the bytes present before any memory is allocated (torch's own
+    reader allocates what the file declares first).
+    """
     if not isinstance(data, (bytes, bytearray)):
         raise CheckpointError("malformed tensor storage (not bytes)")
-    storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if not isinstance(storage, torch.storage.TypedStorage):
-        raise CheckpointError(f"malformed tensor storage ({type(storage).__name__})")
-    return storage
+    stream = io.BytesIO(data)
+    magic, protocol, system = (_LegacyUnpickler(stream).load() for _ in range(3))
+    if magic != _LEGACY_MAGIC or protocol != 1001 or not isinstance(system, dict):
+        raise CheckpointError("malformed tensor storage (not a torch storage record)")
+    if system.get("little_endian") is not (sys.byteorder == "little"):
+        raise CheckpointError(f"tensors were saved in the byte order opposite to this {sys.byteorder}-endian CPU")
+    reference = _LegacyUnpickler(stream).load()
+    keys = _LegacyUnpickler(stream).load()
+    storage_type, key, numel = reference
+    if keys != [key]:
+        raise CheckpointError("malformed tensor storage (one storage per record expected)")
+    itemsize = torch.empty((), dtype=storage_type.dtype).element_size()
+    count = int.from_bytes(stream.read(8), "little")
+    raw = stream.read()
+    if count != numel or len(raw) != numel * itemsize:
+        raise CheckpointError(f"malformed tensor storage ({len(raw)} bytes for {numel} elements of {itemsize} bytes)")
+    return _storage_from_record(raw, storage_type.dtype, numel)
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+class _LegacyUnpickler(pickle.Unpickler):
+    """The pickles of a legacy storage record: plain data, storage types, and the storage's persistent id."""
+
+    def find_class(self, module: str, name: str):
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return ALLOWED_GLOBALS[("torch", name)]
+        raise CheckpointError(f"refused to load global '{module}.{name}' in a tensor storage record")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
+                and isinstance(pid[2], str) and _is_int(pid[4]) and pid[4] >= 0 and pid[5] is None):
+            raise CheckpointError(f"malformed storage reference {pid!r:.80}")
+        return pid[1], pid[2], pid[4]
 
 
 def _is_int(value) -> bool:
@@ -192,10 +253,9 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
     if not (_is_int(storage_offset) and isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))
             and len(size) == len(stride) and all(_is_int(n) and n >= 0 for n in (storage_offset, *size, *stride))):
         raise CheckpointError("malformed tensor (bad offset, size or stride)")
-    # torch's set_ would silently grow a storage that is too small: refuse instead.
-    extent = storage_offset + 1 + sum((n - 1) * step for n, step in zip(size, stride)) if all(size) else 0
-    if extent > storage.size():
-        raise CheckpointError("malformed tensor (it reaches past the end of its storage)")
+    # Before set_, which would grow a storage that is too small, and so that no view poses as more data than
+    # is stored: every element inside the storage and reachable once.
+    check_view(storage.size(), storage_offset, size, stride, "a tensor")
     tensor = torch.empty((0,), dtype=storage.dtype)
     return tensor.set_(storage.untyped(), storage_offset, tuple(size), tuple(stride))
 
@@ -260,7 +320,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         super().__init__(file)
         self._read_record = read_record
         self._storages: dict[str, torch.storage.TypedStorage] = {}
-        self.sources: set[str] = set()  # distinct module_src texts seen (never executed)
+        self.sources: dict[str, set[str]] = {}  # SHA-256 of each distinct module_src -> its class names
 
     def find_class(self, module: str, name: str):
         module, name = _python3_name(module, name)
@@ -290,7 +350,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             )
         if not isinstance(source, str) or not isinstance(state, dict):
             raise CheckpointError(f"malformed persistent {class_name} (no source text or state)")
-        self.sources.add(source)  # opaque text: never compiled, executed or parsed
+        digest = hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()  # hashed, never run
+        self.sources.setdefault(digest, set()).add(class_name)
         return PersistentObject(class_name, state)
 
     def persistent_load(self, pid):
@@ -321,7 +382,12 @@ def _storage_from_record(data: bytes, dtype: torch.dtype, numel: int) -> torch.s
 
 class _Unpickled(NamedTuple):
     top: dict
-    sources: int  # number of distinct module sources ignored
+    sources: dict[str, set[str]]  # SHA-256 of each embedded module source -> class names defined by it
+
+    def unofficial(self) -> list[str]:
+        """Class names whose embedded source is not one of NVlabs/edm's released module files."""
+        return sorted({name for digest, names in self.sources.items() if digest not in OFFICIAL_SOURCES
+                       for name in names})
 
 
 def _source_name(path_or_file: PathOrFile) -> str:
@@ -330,17 +396,19 @@ def _source_name(path_or_file: PathOrFile) -> str:
     return str(getattr(path_or_file, "name", "<stream>"))
 
 
-def _unpickle_stream(stream: IO[bytes]) -> _Unpickled:
+def _unpickle_stream(stream: IO[bytes], source: str) -> _Unpickled:
     """Top level of a plain pickle or of a torch.save zip (training-state-*.pt)."""
     if not stream.seekable():
         stream = io.BytesIO(stream.read())
     start = stream.tell()
     is_zip = stream.read(4) == b"PK\x03\x04"
+    size = stream.seek(0, io.SEEK_END) - start
     stream.seek(start)
     if not is_zip:
         unpickler = _RestrictedUnpickler(stream)
-        return _Unpickled(unpickler.load(), len(unpickler.sources))
+        return _Unpickled(unpickler.load(), unpickler.sources)
     with zipfile.ZipFile(stream) as archive:
+        check_zip_records(archive, size, source)
         pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") and name.count("/") == 1]
         if len(pickles) != 1:
             raise CheckpointError("zip file without exactly one <archive>/data.pkl: not a torch.save file")
@@ -350,39 +418,48 @@ def _unpickle_stream(stream: IO[bytes]) -> _Unpickled:
             raise CheckpointError(f"tensors were saved in the byte order opposite to this {sys.byteorder}-endian CPU")
         with archive.open(pickles[0]) as data_pkl:
             unpickler = _RestrictedUnpickler(data_pkl, lambda key: archive.read(f"{prefix}data/{key}"))
-            return _Unpickled(unpickler.load(), len(unpickler.sources))
+            return _Unpickled(unpickler.load(), unpickler.sources)
 
 
 @contextlib.contextmanager
 def _reported_as(context: str):
-    """Turns every failure into one CheckpointError line that starts with ``context`` (file, entry)."""
+    """Prefixes every CheckpointError with ``context`` (file, entry), so that it names where the problem is."""
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated")
             yield
     except CheckpointError as exc:
         raise CheckpointError(f"{context}: {exc}") from None
-    except Exception as exc:  # any malformed input: truncated, corrupt, wrong types for a handler ...
-        detail = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise CheckpointError(
-            f"{context}: not a readable EDM network pickle ({type(exc).__name__}: {detail}); "
-            "check that the file is a complete edm-*.pkl, network-snapshot-*.pkl or training-state-*.pt"
-        ) from None
 
 
 def _read(path_or_file: PathOrFile) -> tuple[_Unpickled, str]:
-    """Unpickles a snapshot restrictedly: (top-level dict, number of ignored sources), file name."""
+    """Unpickles a snapshot restrictedly: (top-level dict and embedded sources), file name. Warns when an
+    embedded source is not NVlabs/edm's."""
     source = _source_name(path_or_file)
     with _reported_as(source):
-        if isinstance(path_or_file, (str, os.PathLike)):
-            if not Path(path_or_file).is_file():
-                raise CheckpointError("file not found")
-            with open(path_or_file, "rb") as stream:
-                result = _unpickle_stream(stream)
-        else:
-            result = _unpickle_stream(path_or_file)
+        try:
+            if isinstance(path_or_file, (str, os.PathLike)):
+                if not Path(path_or_file).is_file():
+                    raise CheckpointError("file not found")
+                with open(path_or_file, "rb") as stream:
+                    result = _unpickle_stream(stream, source)
+            else:
+                result = _unpickle_stream(path_or_file, source)
+        except CheckpointError:
+            raise
+        except _MALFORMED as exc:  # truncated or corrupt data, wrong types for a handler, ...
+            detail = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise CheckpointError(
+                f"not a readable EDM network pickle ({type(exc).__name__}: {detail}); "
+                "check that the file is a complete edm-*.pkl, network-snapshot-*.pkl or training-state-*.pt"
+            ) from None
         if not isinstance(result.top, dict):
             raise CheckpointError(f"top level is a {type(result.top).__name__}, not the dict of an EDM snapshot")
+    unofficial = result.unofficial()
+    if unofficial:
+        warn(f"{source}: the Python code embedded for {', '.join(unofficial)} is not NVlabs/edm's released code "
+             "(EDM's own loader would run it, and it may compute something else); it was not run: edm-toolkit's "
+             "implementation of these classes is used instead")
     return _Unpickled(dict(result.top), result.sources), source
 
 
@@ -420,17 +497,20 @@ def _plain(value):
         converted[id(item)] = (item, result)
         return result
 
-    return convert(value)
+    try:
+        return convert(value)
+    except RecursionError:
+        raise CheckpointError("data nested too deeply") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Rebuilding networks
 
 
-def _module_tensors(node: PersistentObject, parameters_only: bool = False) -> dict[str, torch.Tensor]:
+def _module_tensors(node: PersistentObject) -> dict[str, torch.Tensor]:
     """The state_dict of a pickled module tree: _parameters and persistent _buffers by qualified name."""
     tensors: dict[str, torch.Tensor] = {}
-    groups = ("_parameters",) if parameters_only else ("_parameters", "_buffers")
+    groups = ("_parameters", "_buffers")
     pending, seen = [("", node)], set()
     while pending:
         prefix, module = pending.pop()
@@ -439,6 +519,8 @@ def _module_tensors(node: PersistentObject, parameters_only: bool = False) -> di
         seen.add(id(module))
         state = module.state
         skipped = state.get("_non_persistent_buffers_set") or set()
+        if not isinstance(skipped, (set, frozenset, list, tuple)):
+            raise CheckpointError(f"{prefix}_non_persistent_buffers_set of {module.class_name} is not a set")
         for group in groups:
             entries = state.get(group) or {}
             if not isinstance(entries, dict):
@@ -491,76 +573,67 @@ def _bind_arguments(node: PersistentObject, spec: _PrecondSpec) -> dict[str, Any
 def _architecture(node: PersistentObject, bound: dict[str, Any]) -> type[nn.Module]:
     """The backbone class named by model_type, checked against the pickled submodule ``model``."""
     model_type = bound["model_type"]
-    if model_type not in BACKBONES:
-        raise CheckpointError(f"model_type {model_type!r} is not supported (only {', '.join(BACKBONES)})")
-    child = (node.state.get("_modules") or {}).get("model")
+    if not isinstance(model_type, str) or model_type not in BACKBONES:
+        raise CheckpointError(f"model_type {model_type!r:.80} is not supported (only {', '.join(BACKBONES)})")
+    children = node.state.get("_modules") or {}
+    if not isinstance(children, dict):
+        raise CheckpointError(f"_modules of {node.class_name} is not a dict")
+    child = children.get("model")
     if not isinstance(child, PersistentObject) or child.class_name != model_type:
         found = child.class_name if isinstance(child, PersistentObject) else type(child).__name__
         raise CheckpointError(f"{node.class_name} records model_type {model_type!r} but its pickled model is a {found}")
     return BACKBONES[model_type]
 
 
-def _construct(what: str, factory: Callable[[], nn.Module]) -> nn.Module:
-    try:
-        return factory()
-    except Exception as exc:
-        raise CheckpointError(f"cannot rebuild {what} from the recorded constructor arguments ({exc})") from None
+class _Plan(NamedTuple):
+    """How to rebuild a pickled preconditioner: the builder of its backbone, the preconditioner around it, and
+    the tensors they must hold."""
+
+    what: str  # e.g. "VPPrecond(SongUNet)"
+    build: Callable[[], nn.Module]
+    wrap: Callable[[nn.Module], Preconditioner]
+    tensors: dict[str, torch.Tensor]
+    bound: dict[str, Any]  # EDM's signature bound to the recorded arguments, defaults filled in
+    spec: _PrecondSpec
 
 
-def _check_layout(module: nn.Module, tensors: Mapping[str, torch.Tensor], what: str) -> None:
-    """Same tensor names and shapes as ``module.state_dict()``, else one message naming the first differences."""
-    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
-    problems = [f"missing {name}" for name in expected if name not in tensors]
-    problems += [f"unexpected {name}" for name in tensors if name not in expected]
-    problems += [
-        f"{name} is {list(tensors[name].shape)}, expected {list(shape)}"
-        for name, shape in expected.items() if name in tensors and tuple(tensors[name].shape) != shape
-    ]
-    if problems:
-        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CheckpointError(
-            f"the pickled weights do not match {what} built from the recorded arguments: "
-            f"{'; '.join(problems[:3])}{more}"
-        )
-
-
-def _build_network(node, key: str) -> Preconditioner:
-    """The toolkit preconditioner + backbone for a pickled EDM preconditioner, weights loaded strictly."""
+def _plan(node, key: str) -> _Plan:
+    """The toolkit preconditioner + backbone for a pickled EDM preconditioner, its arguments checked."""
     spec = _precond_spec(node, key)
     bound = _bind_arguments(node, spec)
     backbone_cls = _architecture(node, bound)
-    geometry = {name: bound.pop(name) for name in _GEOMETRY}
-    own = {name: bound.pop(name) for name in spec.own_params if name in bound}
-    bound.pop("model_type")
     what = f"{node.class_name}({backbone_cls.__name__})"
+    check_arguments(bound, what)
+    arguments = dict(bound)
+    geometry = {name: arguments.pop(name) for name in _GEOMETRY}
+    check_geometry(what, geometry["img_resolution"], geometry["img_channels"], geometry["label_dim"])
+    own = {name: arguments.pop(name) for name in spec.own_params if name in arguments}
+    arguments.pop("model_type")
     backbone_kwargs = dict(
         img_resolution=geometry["img_resolution"], in_channels=geometry["img_channels"],
         out_channels=geometry["img_channels"] * spec.out_channel_factor, label_dim=geometry["label_dim"],
     )
-    if set(bound) & set(backbone_kwargs):
-        raise CheckpointError(f"{what} records {sorted(set(bound) & set(backbone_kwargs))}, which EDM sets itself")
-    backbone_kwargs.update(bound)
+    if set(arguments) & set(backbone_kwargs):
+        raise CheckpointError(f"{what} records {sorted(set(arguments) & set(backbone_kwargs))}, which EDM sets itself")
+    backbone_kwargs.update(arguments)
 
-    def backbone_on(device):
-        with torch.device(device):
-            return backbone_cls(**backbone_kwargs)
-
-    # Built on the meta device first: the recorded arguments are checked against the pickled shapes before
-    # any memory is allocated, and no time is spent on a random initialisation that is overwritten anyway.
-    backbone = _construct(what, lambda: backbone_on("meta"))
-    precond = _construct(what, lambda: spec.cls(backbone, **geometry, **own))
     tensors = _module_tensors(node)
-    _check_layout(precond, tensors, what)
-    unsaved_buffers = {name for name, _ in backbone.named_buffers()} - set(backbone.state_dict())
-    if unsaved_buffers:  # would stay uninitialised: construct normally
-        precond.model = _construct(what, lambda: backbone_on("cpu"))
-    else:
-        backbone.to_empty(device="cpu")
-    try:
-        precond.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        detail = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"cannot load the pickled weights into {what} ({detail})") from None
+    check_tensors(tensors, what)  # views that share stored values would be copied apart when loaded
+    return _Plan(what, lambda: backbone_cls(**backbone_kwargs), lambda backbone: spec.cls(backbone, **geometry, **own),
+                 tensors, bound, spec)
+
+
+def _verified(plan: _Plan) -> nn.Module:
+    """The preconditioner around its backbone built on the meta device, its state_dict layout checked against
+    the pickled tensors."""
+    return verify(plan.build, plan.tensors, plan.what, lambda problem: (
+        f"the pickled weights do not match {plan.what} built from the recorded arguments: {problem}"), plan.wrap)
+
+
+def _build_network(node, key: str) -> Preconditioner:
+    """The toolkit preconditioner + backbone for a pickled EDM preconditioner, weights loaded strictly."""
+    plan = _plan(node, key)
+    precond = materialize(_verified(plan), plan.build, plan.tensors, plan.what, network="model")
     return precond.eval().requires_grad_(False)
 
 
@@ -579,7 +652,7 @@ def read_edm_pickle(path_or_file: PathOrFile) -> dict[str, Any]:
     """
     (top, sources), source = _read(path_or_file)
     result: dict[str, Any] = {}
-    notes = [f"{sources} embedded Python module source(s) ignored, never executed"] if sources else []
+    notes = [f"{len(sources)} embedded Python module source(s) ignored, never executed"] if sources else []
     for key, value in top.items():
         if isinstance(value, PersistentObject) and value.class_name in PRECONDITIONERS:
             with _reported_as(f"{source}: '{key}'"):
@@ -609,29 +682,37 @@ def load_edm_network(path: PathOrFile, key: str = "ema") -> Preconditioner:
         return _build_network(top[key], key)
 
 
+def _network_key(top: Mapping, source: str) -> str:
+    """'ema' (snapshots), else 'net' (training states, with a warning: those are the raw training weights)."""
+    if "ema" in top:
+        return "ema"
+    if "net" in top:
+        warn(f"{source} has no 'ema' entry (an EDM training state): using 'net', the training weights, not their "
+             "exponential moving average")
+        return "net"
+    raise CheckpointError(f"{source}: no 'ema' or 'net' entry (keys: {sorted(map(str, top))})")
+
+
 def inspect_edm_pickle(path: PathOrFile) -> dict[str, Any]:
-    """Summary of an EDM snapshot without building its network (the file is still read restrictedly).
+    """Summary of an EDM snapshot after the checks of loading it, without allocating its network.
 
     Keys: family, key, entries, preconditioner, architecture, init_kwargs (the recorded arguments bound to
     EDM's signature, defaults filled in), parameters (parameter count, buffers excluded), label_dim,
     img_resolution, img_channels, use_fp16, sigma_min, sigma_max, dtype.
     """
     (top, _sources), source = _read(path)
-    key = next((name for name in ("ema", "net") if name in top), None)
-    with _reported_as(source):
-        if key is None:
-            raise CheckpointError(f"no 'ema' or 'net' entry (keys: {sorted(map(str, top))})")
-        node = top[key]
-        spec = _precond_spec(node, key)
-        bound = _bind_arguments(node, spec)
-        parameters = _module_tensors(node, parameters_only=True)
-        sigma_range = _sigma_range(node, spec, bound)
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in parameters.values()})
+    key = _network_key(top, source)
+    with _reported_as(f"{source}: '{key}'"):
+        plan = _plan(top[key], key)
+        meta = _verified(plan)
+        sigma_range = _sigma_range(top[key], plan.spec, plan.bound)
+    parameters = {name: plan.tensors[name] for name, _ in meta.named_parameters()}
+    bound = plan.bound
     return {
         "family": FAMILY,
         "key": key,
         "entries": sorted(map(str, top)),
-        "preconditioner": node.class_name,
+        "preconditioner": top[key].class_name,
         "architecture": bound["model_type"],
         "init_kwargs": bound,
         "parameters": sum(t.numel() for t in parameters.values()),
@@ -640,7 +721,7 @@ def inspect_edm_pickle(path: PathOrFile) -> dict[str, Any]:
         "img_channels": bound["img_channels"],
         "use_fp16": bound["use_fp16"],
         **sigma_range,
-        "dtype": dtypes[0] if len(dtypes) == 1 else "mixed (" + ", ".join(dtypes) + ")",
+        "dtype": dtype_summary(parameters),
     }
 
 
@@ -650,5 +731,34 @@ def _sigma_range(node: PersistentObject, spec: _PrecondSpec, bound: dict[str, An
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in recorded.values()):
         return {name: float(value) for name, value in recorded.items()}
     own = {name: bound[name] for name in spec.own_params if name in bound}
-    precond = _construct(node.class_name, lambda: spec.cls(None, **own))
+    try:
+        precond = spec.cls(None, **own)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot compute the sigma range of {node.class_name} ({exc})") from None
     return {"sigma_min": float(precond.sigma_min), "sigma_max": float(precond.sigma_max)}
+
+
+class EDMPickleFormat:
+    """NVlabs/edm's network pickles and training states (:mod:`edm_toolkit.adapters.edm_pickle`).
+
+    Recognised as a bare pickle (only EDM's are read bare), or a torch zip whose pickle names EDM's
+    ``torch_utils.persistence``. Loads 'ema', else 'net' (training states) with a warning.
+    """
+
+    name = FAMILY
+    options = frozenset()  # the architecture is recorded in the file
+
+    def sniff(self, source: FileSource) -> bool:
+        return source.container == "pickle" or source.pickle_mentions(b"torch_utils.persistence")
+
+    def inspect(self, source: FileSource, options: LoadOptions) -> dict[str, Any]:
+        return inspect_edm_pickle(source.path)
+
+    def load(self, source: FileSource, options: LoadOptions) -> nn.Module:
+        (top, _sources), name = _read(source.path)
+        key = _network_key(top, name)
+        with _reported_as(f"{name}: '{key}'"):
+            return _build_network(top[key], key)
+
+
+EDM_PICKLE = register_format(EDMPickleFormat())

@@ -26,24 +26,26 @@ model was trained with ``rescale_timesteps``.
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from ..checkpoints import build_backbone, register_model_type
 from ..discrete import StepGrid, check_schedule, named_beta_schedule, nearest_index
 from ..errors import CheckpointError, ConfigError
-from ..networks.openai_unet import (
+from ..formats import (
+    FileSource, LoadOptions, check_arguments, check_geometry, dtype_summary, load_wrapper, materialize,
+    register_format, register_model_type, verify,
+)
+from ..networks.openai_unet import EncoderUNetModel
+from ..networks.registry import network_config
+from .generic import PredictionDenoiser
+from .openai_flags import (
     NUM_CLASSES,
     RELEASED_CHECKPOINTS,
-    EncoderUNetModel,
     classifier_defaults,
     classifier_from_flags,
     format_model_flags,
@@ -52,10 +54,9 @@ from ..networks.openai_unet import (
     parse_model_flags,
     sr_model_and_diffusion_defaults,
 )
-from ..networks.registry import network_config
-from .generic import PredictionDenoiser
 
 __all__ = [
+    "OPENAI",
     "OpenAIClassifier",
     "OpenAIDenoiser",
     "OpenAIDiffusion",
@@ -252,33 +253,13 @@ def _is_classifier(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return not any(k.startswith("output_blocks.") for k in state_dict)
 
 
-def _load_error_detail(exc: Exception) -> str:
-    """The informative line of a torch.load error (for weights_only refusals, the unpickler's own reason)."""
-    text = str(exc)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
-
-
 def _read_state_dict(path_or_state_dict) -> tuple[dict[str, torch.Tensor], str, str | None]:
-    """(state_dict, name for messages, file name or None)."""
-    if isinstance(path_or_state_dict, (str, os.PathLike)):
-        path = Path(path_or_state_dict)
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {str(path)!r} not found")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-            detail = _load_error_detail(exc)
-            if "global" in detail.lower():
-                raise CheckpointError(
-                    f"{path} refers to Python code or classes ({detail[:120]}); it was refused unread, as "
-                    "guided/improved-diffusion checkpoints are plain state_dicts of tensors"
-                ) from None
-            raise CheckpointError(f"{path} is not a readable torch checkpoint ({detail[:160]})") from None
-        source, file_name = str(path), path.name
+    """(state_dict, name for messages, file name or None) of a file (read weights-only, bounded) or a dict."""
+    if isinstance(path_or_state_dict, (str, os.PathLike, FileSource)):
+        source = path_or_state_dict if isinstance(path_or_state_dict, FileSource) else FileSource(path_or_state_dict)
+        obj, name, file_name = source.torch_object(), str(source), source.path.name
     else:
-        obj, source, file_name = path_or_state_dict, "the given state_dict", None
+        obj, name, file_name = path_or_state_dict, "the given state_dict", None
     if not is_openai_state_dict(obj):
         if isinstance(obj, Mapping):
             keys = sorted(map(str, obj))[:4]
@@ -286,10 +267,10 @@ def _read_state_dict(path_or_state_dict) -> tuple[dict[str, torch.Tensor], str, 
         else:
             found = f"a {type(obj).__name__}"
         raise CheckpointError(
-            f"{source} is not a guided/improved-diffusion state_dict (found {found}; expected tensors named like "
+            f"{name} is not a guided/improved-diffusion state_dict (found {found}; expected tensors named like "
             "'input_blocks.0.0.weight' and 'out.2.weight')"
         )
-    return dict(obj), source, file_name
+    return dict(obj), name, file_name
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -527,53 +508,42 @@ def _classifier_classes(state_dict) -> int:
 # Building and loading
 
 
-def _build_network(res: _Resolution) -> nn.Module:
-    """The network on the meta device (no memory, no initialisation)."""
-    try:
-        with torch.device("meta"):
-            if res.kind == "classifier":
-                flags = {k: v for k, v in res.flags.items() if k not in _CLASSIFIER_EXTENSIONS}
-                extensions = {k: res.flags[k] for k in _CLASSIFIER_EXTENSIONS if k in res.flags}
-                return classifier_from_flags(flags, num_classes=res.num_classes, **extensions)
-            return model_from_flags(res.flags, codebase=res.codebase, num_classes=res.num_classes)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"cannot build the network from the flags ({exc})") from None
+def _builder(res: _Resolution) -> Callable[[], nn.Module]:
+    """Builds the network the resolved flags describe (as the original scripts do)."""
+    if res.kind == "classifier":
+        flags = {k: v for k, v in res.flags.items() if k not in _CLASSIFIER_EXTENSIONS}
+        extensions = {k: res.flags[k] for k in _CLASSIFIER_EXTENSIONS if k in res.flags}
+        return lambda: classifier_from_flags(flags, num_classes=res.num_classes, **extensions)
+    return lambda: model_from_flags(res.flags, codebase=res.codebase, num_classes=res.num_classes)
 
 
-def _check_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, res: _Resolution):
-    """Refuse a state_dict whose keys or shapes differ from ``model``'s, naming the first differences."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    misshaped = [f"{k} {list(state_dict[k].shape)} (expected {list(shape)})"
-                 for k, shape in expected.items() if k in state_dict and tuple(state_dict[k].shape) != shape]
-    problems = [f"{label} {len(keys)}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
-                if keys]
-    if problems:
-        if res.resolved_from.startswith("registry:"):
-            fix = f"the file is not the released {res.resolved_from[9:]}; rename it or pass its flags (--model-flags)"
-        else:
-            fix = "check the flags (--model-flags)"
-        raise CheckpointError(
-            f"{source}: the weights do not match the {type(model).__name__} of {res.resolved_from} "
-            f"({'; '.join(problems)}); {fix}"
-        )
-
-
-def _loaded(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Materialise a checked meta network on the CPU and load the weights strictly (float32 kept)."""
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(state_dict, strict=True)
-    return model
+def _mismatch(source: str, res: _Resolution, network: str) -> Callable[[str], str]:
+    """The message for weights whose keys or shapes differ from the resolved network's."""
+    if res.resolved_from.startswith("registry:"):
+        fix = f"the file is not the released {res.resolved_from[9:]}; rename it or pass its flags (--model-flags)"
+    else:
+        fix = "check the flags (--model-flags)"
+    return lambda problem: f"{source}: the weights do not match the {network} of {res.resolved_from} ({problem}); {fix}"
 
 
 def _img_resolution(res: _Resolution) -> int:
     return int(res.flags["large_size" if res.kind == "upsampler" else "image_size"])
 
 
-def _resolved(path_or_state_dict, *, model_flags, file_name, codebase, classifier: bool | None):
-    """(state_dict, resolution, checked meta network); ``classifier`` None accepts either kind."""
+class _Checked(NamedTuple):
+    state_dict: dict[str, torch.Tensor]
+    res: _Resolution
+    model: nn.Module  # on the meta device, its layout checked against state_dict
+    build: Callable[[], nn.Module]
+    what: str
+
+    def loaded(self) -> nn.Module:
+        return materialize(self.model, self.build, self.state_dict, self.what)
+
+
+def _resolved(path_or_state_dict, *, model_flags, file_name, codebase, classifier: bool | None) -> _Checked:
+    """The state_dict, its resolved architecture and the network checked against it on the meta device;
+    ``classifier`` None accepts either kind."""
     if codebase not in (None, *FAMILIES):
         raise CheckpointError(f"unknown codebase {codebase!r}; choose 'guided' or 'improved'")
     state_dict, source, stored_name = _read_state_dict(path_or_state_dict)
@@ -588,9 +558,14 @@ def _resolved(path_or_state_dict, *, model_flags, file_name, codebase, classifie
         res = _resolve_classifier(state_dict, model_flags, name, file_name is not None, source)
     else:
         res = _resolve_unet(state_dict, model_flags, name, file_name is not None, codebase, source)
-    model = _build_network(res)
-    _check_weights(model, state_dict, source, res)
-    return state_dict, res, model
+    check_arguments(res.flags, f"the flags of {source}")
+    check_geometry(source, _img_resolution(res), IMG_CHANNELS,
+                   res.num_classes if res.kind == "classifier" or res.flags.get("class_cond") else 0)
+    OpenAIDiffusion.from_flags(res.flags)  # the schedule and its length checked before anything is built
+    build = _builder(res)
+    network = {"classifier": "EncoderUNetModel", "upsampler": "SuperResModel"}.get(res.kind, "UNetModel")
+    what = f"the {network} of {source}"
+    return _Checked(state_dict, res, verify(build, state_dict, what, _mismatch(source, res, network)), build, what)
 
 
 def load_openai_checkpoint(path_or_state_dict, *, model_flags: str | Mapping[str, Any] | None = None,
@@ -602,10 +577,11 @@ def load_openai_checkpoint(path_or_state_dict, *, model_flags: str | Mapping[str
     for unset flags where the flags do not tell. The file is read with ``torch.load(weights_only=True)`` and
     loaded strictly; any problem raises :class:`CheckpointError`.
     """
-    state_dict, res, model = _resolved(path_or_state_dict, model_flags=model_flags, file_name=file_name,
-                                       codebase=codebase, classifier=False)
-    denoiser = OpenAIDenoiser(_loaded(model, state_dict), OpenAIDiffusion.from_flags(res.flags),
-                              codebase=res.codebase, flags=res.flags, img_resolution=_img_resolution(res))
+    checked = _resolved(path_or_state_dict, model_flags=model_flags, file_name=file_name, codebase=codebase,
+                        classifier=False)
+    res = checked.res
+    denoiser = OpenAIDenoiser(checked.loaded(), OpenAIDiffusion.from_flags(res.flags), codebase=res.codebase,
+                              flags=res.flags, img_resolution=_img_resolution(res))
     return denoiser.eval().requires_grad_(False)
 
 
@@ -617,9 +593,10 @@ def load_openai_classifier(path_or_state_dict, *, model_flags: str | Mapping[str
     with); others need their flags (``--image_size``, ``--classifier_*``; ``--num_head_channels`` and
     ``--channel_mult`` override what ``create_classifier`` hard-codes).
     """
-    state_dict, res, model = _resolved(path_or_state_dict, model_flags=model_flags, file_name=file_name,
-                                       codebase=None, classifier=True)
-    classifier = OpenAIClassifier(_loaded(model, state_dict), OpenAIDiffusion.from_flags(res.flags), flags=res.flags)
+    checked = _resolved(path_or_state_dict, model_flags=model_flags, file_name=file_name, codebase=None,
+                        classifier=True)
+    classifier = OpenAIClassifier(checked.loaded(), OpenAIDiffusion.from_flags(checked.res.flags),
+                                  flags=checked.res.flags)
     return classifier.eval().requires_grad_(False)
 
 
@@ -630,10 +607,9 @@ def inspect_openai_checkpoint(path_or_state_dict, *, model_flags: str | Mapping[
     Keys: family, architecture, resolved_from, parameters, label_dim, img_resolution, img_channels, sigma_min,
     sigma_max, dtype, flags (complete flag values), notes.
     """
-    state_dict, res, model = _resolved(path_or_state_dict, model_flags=model_flags, file_name=file_name,
-                                       codebase=codebase, classifier=None)
+    state_dict, res, model, _, _ = _resolved(path_or_state_dict, model_flags=model_flags, file_name=file_name,
+                                             codebase=codebase, classifier=None)
     diffusion = OpenAIDiffusion.from_flags(res.flags)
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state_dict.values()})
     learn_sigma = res.kind != "classifier" and diffusion.learn_sigma
     notes = list(res.notes)
     if learn_sigma:
@@ -648,7 +624,7 @@ def inspect_openai_checkpoint(path_or_state_dict, *, model_flags: str | Mapping[
         "img_channels": IMG_CHANNELS,
         "sigma_min": float(diffusion.sigmas[0]),
         "sigma_max": float(diffusion.sigmas[-1]),
-        "dtype": dtypes[0] if len(dtypes) == 1 else "mixed (" + ", ".join(dtypes) + ")",
+        "dtype": dtype_summary(state_dict),
         "flags": res.flags,
         "notes": notes,
     }
@@ -678,10 +654,34 @@ def _denoiser_config(denoiser: OpenAIDenoiser) -> dict[str, Any]:
     }
 
 
-def _denoiser_from_config(config: dict[str, Any]) -> OpenAIDenoiser:
-    return OpenAIDenoiser(build_backbone(config["network"]), OpenAIDiffusion(**config["diffusion"]),
-                          codebase=config["codebase"], flags=config.get("flags"),
-                          img_resolution=config.get("img_resolution"))
+def _denoiser_from_config(config: dict[str, Any], tensors: Mapping[str, torch.Tensor], what: str) -> OpenAIDenoiser:
+    diffusion = OpenAIDiffusion(**config["diffusion"])
+    return load_wrapper(config["network"], tensors, "model", what, lambda network: OpenAIDenoiser(
+        network, diffusion, codebase=config["codebase"], flags=config.get("flags"),
+        img_resolution=config.get("img_resolution")))
 
 
 register_model_type("openai", OpenAIDenoiser, _denoiser_config, _denoiser_from_config)
+
+
+class OpenAIFormat:
+    """guided-diffusion and improved-diffusion checkpoints: plain state_dicts of the ADM networks in a torch zip.
+
+    The architecture comes from the released file name, ``model_flags`` or the tensor shapes (module
+    docstring); a noisy classifier is recognised too, but loads through :func:`load_openai_classifier`.
+    """
+
+    name = "openai"
+    options = frozenset({"model_flags"})
+
+    def sniff(self, source: FileSource) -> bool:
+        return is_openai_state_dict(source.readable_torch_object())
+
+    def inspect(self, source: FileSource, options: LoadOptions) -> dict[str, Any]:
+        return inspect_openai_checkpoint(source, model_flags=options.model_flags)
+
+    def load(self, source: FileSource, options: LoadOptions) -> nn.Module:
+        return load_openai_checkpoint(source, model_flags=options.model_flags)
+
+
+OPENAI = register_format(OpenAIFormat())

@@ -5,7 +5,7 @@ Differential Equations", ICLR 2021; Karras, Aittala, Aila & Laine, "Elucidating 
 Diffusion-Based Generative Models" (EDM), NeurIPS 2022, Sec. 2 and Appendix C.
 
 A ``checkpoint_*.pth`` of yang-song/score_sde_pytorch is ``{'optimizer', 'model', 'ema', 'step'}`` (see
-:mod:`edm_toolkit.networks.score_sde_checkpoint`). Its network is evaluated exactly as the original's
+:mod:`edm_toolkit.adapters.score_sde_checkpoint`). Its network is evaluated exactly as the original's
 ``get_score_fn(sde, model, continuous=True)`` does; only the units change. EDM's denoiser sees
 ``x = x0 + sigma n`` with data in [-1, 1]. Song's data are ``y0 = a x0 + b``: ``a, b = 1, 0`` when
 ``data.centered`` and ``1/2, 1/2`` otherwise (data in [0, 1]; the network then maps ``2y - 1`` itself). So
@@ -38,24 +38,24 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Union
 
 import torch
+from torch import nn
 
-from ..checkpoints import build_backbone, register_model_type
 from ..errors import CheckpointError, ConfigError
+from ..formats import (
+    FileSource, LoadOptions, check_arguments, check_geometry, construction_budget, dtype_summary, load_wrapper,
+    materialize, register_format, register_model_type, shapes, verify,
+)
 from ..networks.registry import network_config
+from ..networks.score_sde import PUBLISHED_CONFIGS, NCSNpp, NCSNppConfig, published_config
 from ..protocol import DenoiserBase
 from ..schedules import vp_sigma, vp_sigma_inv
-from ..networks.score_sde import PUBLISHED_CONFIGS, NCSNpp, NCSNppConfig, published_config
-from ..networks.score_sde_checkpoint import (
-    ema_parameter_names,
-    read_checkpoint_file,
-    score_sde_state_dict,
-)
+from .score_sde_checkpoint import ema_parameter_names, score_sde_state_dict
 
 __all__ = [
+    "SCORE_SDE",
     "ScoreSDEDenoiser",
     "inspect_score_sde_checkpoint",
     "is_score_sde_checkpoint",
@@ -70,7 +70,7 @@ SDE_NAMES = {"vpsde": "vp", "vesde": "ve"}
 # Where the tensors say nothing, inference takes the released config of the same family.
 TEMPLATES = {"vp": "vp/cifar10_ddpmpp_continuous", "ve": "ve/cifar10_ncsnpp_continuous"}
 
-PathOrCheckpoint = Union[str, os.PathLike, Mapping]
+PathOrCheckpoint = Union[str, os.PathLike, FileSource, Mapping]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -190,15 +190,10 @@ def _to_config(model: ScoreSDEDenoiser) -> dict[str, Any]:
     return config
 
 
-def _from_config(config: dict[str, Any]) -> ScoreSDEDenoiser:
-    network = build_backbone(config["network"])
-    if not isinstance(network, NCSNpp):
-        raise ValueError(f"score_sde model file names a {type(network).__name__} network, not an NCSNpp")
+def _from_config(config: dict[str, Any], tensors: Mapping[str, torch.Tensor], what: str) -> ScoreSDEDenoiser:
     params = {k: config[k] for k in ("beta_min", "beta_max", "epsilon_t") if k in config}
-    try:
-        return ScoreSDEDenoiser(network, config["sde"], config_name=config.get("config_name"), **params)
-    except ConfigError as exc:
-        raise ValueError(str(exc)) from None
+    return load_wrapper(config["network"], tensors, "network", what, lambda network: ScoreSDEDenoiser(
+        network, config["sde"], config_name=config.get("config_name"), **params))
 
 
 register_model_type(FAMILY, ScoreSDEDenoiser, _to_config, _from_config)
@@ -219,24 +214,19 @@ def is_score_sde_checkpoint(obj: Any) -> bool:
 
 
 def _read(path_or_checkpoint: PathOrCheckpoint) -> tuple[Mapping, str]:
-    """(checkpoint dict, name for messages); files are read with ``torch.load(weights_only=True)``."""
+    """(checkpoint dict, name for messages); files are read with ``torch.load(weights_only=True)`` after the
+    checks of :func:`edm_toolkit.tensorfile.read_torch`."""
     if isinstance(path_or_checkpoint, Mapping):
         return path_or_checkpoint, "score_sde checkpoint"
-    if not isinstance(path_or_checkpoint, (str, os.PathLike)):
+    if isinstance(path_or_checkpoint, (str, os.PathLike)):
+        path_or_checkpoint = FileSource(path_or_checkpoint)
+    if not isinstance(path_or_checkpoint, FileSource):
         raise CheckpointError(f"expected a score_sde checkpoint file or dict, got {type(path_or_checkpoint).__name__}")
-    path = Path(path_or_checkpoint)
-    if not path.is_file():
-        raise CheckpointError(f"score_sde checkpoint {str(path)!r} not found")
-    try:
-        checkpoint = read_checkpoint_file(path)
-    except Exception as exc:  # refused pickle, truncated or corrupt file, ...: all the same to the user
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise CheckpointError(f"{path} cannot be read as a score_sde checkpoint with torch.load(weights_only=True), "
-                              f"which admits only tensors and plain data ({detail})") from None
+    checkpoint = path_or_checkpoint.torch_object()
     if not isinstance(checkpoint, Mapping):
-        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not the dict of a score_sde checkpoint "
-                              "({'model', 'ema', 'step', 'optimizer'})")
-    return checkpoint, str(path)
+        raise CheckpointError(f"{path_or_checkpoint} holds a {type(checkpoint).__name__}, not the dict of a score_sde "
+                              "checkpoint ({'model', 'ema', 'step', 'optimizer'})")
+    return checkpoint, str(path_or_checkpoint)
 
 
 def _model_state(checkpoint: Mapping, source: str) -> dict[str, torch.Tensor]:
@@ -248,10 +238,6 @@ def _model_state(checkpoint: Mapping, source: str) -> dict[str, torch.Tensor]:
     if not state:
         raise CheckpointError(f"{source}: the 'model' state_dict is empty")
     return state
-
-
-def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(value.shape) for key, value in state.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,7 +276,7 @@ def _layout_of_published(name: str) -> dict[str, tuple[int, ...]]:
 def _layout(config: Mapping) -> dict[str, tuple[int, ...]]:
     """Key -> shape of the state_dict that NCSNpp(config) has (built on the meta device: no memory, no init)."""
     with torch.device("meta"):
-        return _shapes(NCSNpp(config).state_dict())
+        return shapes(NCSNpp(config).state_dict())
 
 
 def _buffer_range(state: Mapping[str, torch.Tensor]) -> tuple[float, float, int] | None:
@@ -440,9 +426,11 @@ def _read_structure(shapes: Mapping[str, tuple[int, ...]], sigma_range: tuple[fl
     return _Structure(model, num_channels, tuple(attn_levels), fir is not None)
 
 
-def _fit_decoder(shapes: Mapping[str, tuple[int, ...]], structure: _Structure, template: str) -> _Structure:
+def _fit_decoder(state: Mapping[str, torch.Tensor], structure: _Structure, template: str) -> _Structure:
     """Settles the output pyramid (``progressive``, ``progressive_combine``) by building each candidate on the
-    meta device and comparing every key and shape with the checkpoint's; this also verifies the encoder."""
+    meta device (within the budget the tensors set) and comparing every key and shape with the checkpoint's;
+    this also verifies the encoder."""
+    layout = shapes(state)
     probe = 2 ** (len(structure.model["ch_mult"]) - 1)  # the smallest image size the levels allow
     combines = ("sum", "cat") if structure.model["progressive_input"] == "input_skip" else ("sum",)
     for progressive in ("none", "output_skip", "residual"):
@@ -450,8 +438,11 @@ def _fit_decoder(shapes: Mapping[str, tuple[int, ...]], structure: _Structure, t
             candidate = dataclasses.replace(
                 structure, model={**structure.model, "progressive": progressive, "progressive_combine": combine})
             try:
-                if _layout(candidate.config(template, probe)) == dict(shapes):
-                    return candidate
+                with construction_budget(state, "the inferred NCSNpp"):
+                    if _layout(candidate.config(template, probe)) == layout:
+                        return candidate
+            except CheckpointError:
+                raise
             except ValueError:  # e.g. FIR with progressive='residual', which the original cannot run
                 continue
     raise _NotInferable("the decoder fits none of the NCSN++/DDPM++ layouts")
@@ -510,7 +501,7 @@ def _parse_config_argument(config: Any) -> tuple[str | None, Mapping]:
                                       "or pass a config dict") from None
         try:
             config = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise CheckpointError(f"score_sde config is neither a config name nor valid JSON ({exc})") from None
     if not isinstance(config, Mapping):
         raise CheckpointError(f"score_sde config must be a config name or a dict, got {type(config).__name__}")
@@ -539,12 +530,12 @@ def _resolve(state: Mapping[str, torch.Tensor], config: Any, source: str) -> _Re
 
 def _infer(state: Mapping[str, torch.Tensor], given: Mapping, source: str) -> _Resolved:
     """Structure from the tensors; the rest from the released config they fit, else the family's template."""
-    shapes, sigma_range = _shapes(state), _buffer_range(state)
+    layout, sigma_range = shapes(state), _buffer_range(state)
     try:
-        structure = _read_structure(shapes, sigma_range)
+        structure = _read_structure(layout, sigma_range)
         sde = _given_sde(given) or ("vesde" if structure.fourier else None)
         template = TEMPLATES["ve" if sde == "vesde" else "vp"]
-        structure = _fit_decoder(shapes, structure, template)
+        structure = _fit_decoder(state, structure, template)
     except _NotInferable as exc:
         raise CheckpointError(f"{source}: cannot infer the network's config from its weights ({exc}); pass "
                               f"config=<name> ({', '.join(PUBLISHED_CONFIGS)}) or a score_sde config dict") from None
@@ -552,7 +543,7 @@ def _infer(state: Mapping[str, torch.Tensor], given: Mapping, source: str) -> _R
         raise CheckpointError(f"{source}: Gaussian Fourier features (all_modules.0.W) belong to score_sde's VE "
                               f"models, not training.sde={sde!r}; leave the SDE out, or pass a complete config dict")
     released = [name for name in PUBLISHED_CONFIGS
-                if _layout_of_published(name) == shapes and sde in (None, published_config(name)["training"]["sde"])
+                if _layout_of_published(name) == layout and sde in (None, published_config(name)["training"]["sde"])
                 and _same_range(sigma_range[:2], _model_range(published_config(name)))]
     if released:
         base = published_config(released[0])
@@ -620,33 +611,16 @@ def _sde_parameters(config: Mapping, source: str) -> dict[str, Any] | None:
     return parameters
 
 
-def _layout_mismatch(expected: Mapping[str, tuple], found: Mapping[str, tuple]) -> str | None:
-    """A short description of how the checkpoint's keys and shapes differ from the model's, or None."""
-    missing = [key for key in expected if key not in found]  # in module order
-    unexpected = [key for key in found if key not in expected]
-    reshaped = [key for key in expected if key in found and expected[key] != found[key]]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} keys missing from the checkpoint, e.g. {', '.join(missing[:3])}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys, e.g. {', '.join(unexpected[:3])}")
-    if reshaped:
-        examples = "; ".join(f"{key}: checkpoint {found[key]} vs config {expected[key]}" for key in reshaped[:3])
-        parts.append(f"{len(reshaped)} shapes differ, e.g. {examples}")
-    return "; ".join(parts) or None
-
-
-def _build_network(resolved: _Resolved, state: Mapping[str, torch.Tensor], source: str) -> NCSNpp:
-    """NCSNpp from the config, checked against the checkpoint's keys, shapes and (VE) noise levels."""
-    try:
-        network = NCSNpp(resolved.config)
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{source}: invalid score_sde config ({exc})") from None
+def _verified_network(resolved: _Resolved, state: Mapping[str, torch.Tensor], source: str) -> NCSNpp:
+    """NCSNpp from the config on the meta device, checked against the checkpoint's keys, shapes and (VE) noise
+    levels, its arguments and geometry first."""
     label = repr(resolved.name) if resolved.name else "given"
-    problem = _layout_mismatch(_shapes(network.state_dict()), _shapes(state))
-    if problem:
-        raise CheckpointError(f"{source}: the weights do not fit the config {label} ({problem}); pass the config "
-                              "the checkpoint was trained with, or config=None to infer it")
+    check_arguments(resolved.config, f"the score_sde config of {source}")
+    check_geometry(source, _section_get(resolved.config, "data", "image_size"),
+                   _section_get(resolved.config, "data", "num_channels", NCSNppConfig.num_channels))
+    network = verify(lambda: NCSNpp(resolved.config), state, f"the NCSNpp of {source}", lambda problem: (
+        f"{source}: the weights do not fit the config {label} ({problem}); pass the config the checkpoint was "
+        "trained with, or config=None to infer it"))
     ve_range, stored = (network.config.sigma_min, network.config.sigma_max), _buffer_range(state)
     if _given_sde(resolved.config) == "vesde" and not (stored and _same_range(stored[:2], ve_range)):
         levels = f"span [{stored[0]:g}, {stored[1]:g}]" if stored else "are malformed"
@@ -678,15 +652,12 @@ def load_score_sde_denoiser(path_or_checkpoint: PathOrCheckpoint, *, config: str
     if use_ema and "ema" not in checkpoint:
         raise CheckpointError(f"{source}: no 'ema' entry (the EMA weights Song et al. evaluate); pass use_ema=False "
                               "to load the raw training weights")
-    network = _build_network(resolved, state, source)
+    network = _verified_network(resolved, state, source)
     try:
         weights = score_sde_state_dict(checkpoint, ema_parameter_names(network), use_ema=use_ema)
     except ValueError as exc:
         raise CheckpointError(f"{source}: {exc}") from None
-    try:
-        network.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{source}: the weights cannot be loaded ({str(exc).splitlines()[0][:160]})") from None
+    network = materialize(network, lambda: NCSNpp(resolved.config), weights, f"the NCSNpp of {source}")
     denoiser = ScoreSDEDenoiser(network, config_name=resolved.name, **sde)
     return denoiser.eval().requires_grad_(False)
 
@@ -705,6 +676,8 @@ def inspect_score_sde_checkpoint(path_or_checkpoint: PathOrCheckpoint, *, config
     resolved = _resolve(state, config, source)
     cfg = resolved.config
     sde = _sde_parameters(cfg, source)
+    if not resolved.missing:
+        _verified_network(resolved, state, source)  # the checks of loading it, on the meta device
     sde_name = sde["sde"] if sde else None
     centered = bool(_section_get(cfg, "data", "centered"))
     sigma_range = (None, None)
@@ -713,7 +686,6 @@ def inspect_score_sde_checkpoint(path_or_checkpoint: PathOrCheckpoint, *, config
         song = _song_sigma_range(sde_name, _model_range(cfg), sde.get("beta_min"), sde.get("beta_max"))
         sigma_range = (song[0] / data_scale, song[1] / data_scale)
     parameters = {key: value for key, value in state.items() if key != "sigmas"}
-    dtypes = sorted({str(value.dtype).removeprefix("torch.") for value in parameters.values()})
     ema = checkpoint.get("ema")
     notes = list(resolved.notes)
     if resolved.missing:
@@ -740,8 +712,29 @@ def inspect_score_sde_checkpoint(path_or_checkpoint: PathOrCheckpoint, *, config
         "img_channels": _section_get(cfg, "data", "num_channels", NCSNppConfig.num_channels),
         "sigma_min": sigma_range[0],
         "sigma_max": sigma_range[1],
-        "dtype": dtypes[0] if len(dtypes) == 1 else "mixed (" + ", ".join(dtypes) + ")",
+        "dtype": dtype_summary(parameters),
         "step": step if isinstance(step, int) and not isinstance(step, bool) else None,
         "ema": has_ema,
         "notes": notes,
     }
+
+
+class ScoreSDEFormat:
+    """score_sde_pytorch checkpoints ``{'model', 'ema', 'step', 'optimizer'}`` in a torch zip; the network config
+    by ``config`` (a released name or a dict, ``--model-config``) or inferred; ``use_ema=False`` (``--weights
+    raw``) loads the raw training weights."""
+
+    name = FAMILY
+    options = frozenset({"config", "use_ema"})
+
+    def sniff(self, source: FileSource) -> bool:
+        return is_score_sde_checkpoint(source.readable_torch_object())
+
+    def inspect(self, source: FileSource, options: LoadOptions) -> dict[str, Any]:
+        return inspect_score_sde_checkpoint(source, config=options.config)
+
+    def load(self, source: FileSource, options: LoadOptions) -> nn.Module:
+        return load_score_sde_denoiser(source, config=options.config, use_ema=options.use_ema)
+
+
+SCORE_SDE = register_format(ScoreSDEFormat())

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 
 import click
 
-from ..errors import EDMToolkitError
+from ..errors import CheckpointWarning, EDMToolkitError
 
 
 class _Group(click.Group):
@@ -15,7 +16,9 @@ class _Group(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with warnings.catch_warnings():
+                warnings.showwarning = _warning_printer(warnings.showwarning)
+                result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Abort:
             _fail("interrupted", 130)
         except click.ClickException as exc:
@@ -31,6 +34,18 @@ class _Group(click.Group):
         if standalone_mode:
             sys.exit(code)
         return code
+
+
+def _warning_printer(show_other):
+    """Prints a CheckpointWarning as one ``Warning: ...`` line; other warnings as Python shows them."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CheckpointWarning):
+            one_line = re.sub(r"\s+", " ", str(message)).strip()
+            click.echo(f"Warning: {one_line}", err=True)
+        else:
+            show_other(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def _fail(message: str, code: int):

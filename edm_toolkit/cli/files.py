@@ -59,10 +59,9 @@ def inspect(path, model_flags, model_config, as_json):
               help="score_sde checkpoints: the EMA or the raw training weights")
 def convert(path, out, model_flags, model_config, weights):
     """Convert any supported model file to the toolkit's own format (tensors + JSON config, loaded with
-    torch.load(weights_only=True); OUT ending in .safetensors writes safetensors)."""
-    from ..checkpoints import save_model
-    from ..loading import load_denoiser
+    torch.load(weights_only=True); OUT ending in .safetensors writes safetensors). OUT must be a new or regular
+    file other than PATH; it is written atomically with the mode a plain open() gives (umask respected)."""
+    from ..loading import convert_file
 
-    net = load_denoiser(path, model_flags=model_flags, config=model_config, use_ema=weights == "ema")
-    save_model(net, out)
+    net = convert_file(path, out, model_flags=model_flags, config=model_config, use_ema=weights == "ema")
     click.echo(f"Wrote {out} ({sum(p.numel() for p in net.parameters()):,} parameters)", err=True)

@@ -61,21 +61,20 @@ def network_config(module: nn.Module) -> dict[str, Any]:
     return {"type": name, "kwargs": _plain(module.init_kwargs)}
 
 
-def build_network(config: dict[str, Any], device=None) -> nn.Module:
-    """A registered backbone from {"type", "kwargs"} (random weights; load a state_dict next)."""
+def build_network(config: dict[str, Any]) -> nn.Module:
+    """A registered backbone from {"type", "kwargs"} (random weights; load a state_dict next). Build it under
+    ``with torch.device("meta")`` to check it without allocating memory; a network described by a file is
+    built through :func:`edm_toolkit.formats.load_network`, which bounds what its arguments may ask for."""
     from . import load_all
 
     load_all()
     name = config.get("type")
-    if name not in NETWORKS:
-        raise ValueError(f"unknown network type {name!r}; known: {', '.join(sorted(NETWORKS))}")
+    if not isinstance(name, str) or name not in NETWORKS:
+        raise ValueError(f"unknown network type {name!r:.80}; known: {', '.join(sorted(NETWORKS))}")
     kwargs = config.get("kwargs", {})
     if not isinstance(kwargs, dict):
         raise ValueError("network kwargs must be a table")
-    if device is None:
-        return NETWORKS[name](**kwargs)
-    with __import__("torch").device(device):
-        return NETWORKS[name](**kwargs)
+    return NETWORKS[name](**kwargs)
 
 
 def _plain(value):

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .score_sde import GaussianFourierProjection
+from ..formats import layout_mismatch, shapes
+from ..networks.score_sde import GaussianFourierProjection
+from ..tensorfile import read_torch
 
 __all__ = [
     "ema_parameter_names",
@@ -38,8 +41,9 @@ _PREFIX = "module."
 
 
 def read_checkpoint_file(path: str | os.PathLike) -> dict:
-    """Loads a score_sde ``.pth`` file safely (``weights_only=True``, onto the CPU)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Loads a score_sde ``.pth`` file safely (``weights_only=True``, onto the CPU, with bounded memory:
+    :func:`edm_toolkit.tensorfile.read_torch`); CheckpointError if it cannot be read so."""
+    return read_torch(Path(path))
 
 
 def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -133,15 +137,13 @@ def load_score_sde_checkpoint(model: nn.Module, checkpoint: Mapping | str | os.P
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_checkpoint_file(checkpoint)
     state = score_sde_state_dict(checkpoint, ema_parameter_names(model), use_ema=use_ema)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if strict and (missing or unexpected):
-        raise ValueError(f"score_sde checkpoint does not match the model: missing keys {missing}, "
-                         f"unexpected keys {unexpected}; was the model built with the checkpoint's config?")
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in expected if k in state and state[k].shape != expected[k].shape]
-    if mismatched:
-        raise ValueError("score_sde checkpoint shapes do not match the model: " + "; ".join(mismatched))
+    expected = shapes(model.state_dict())
+    found = shapes(state) if strict else {key: shape for key, shape in shapes(state).items() if key in expected}
+    if not strict:
+        expected = {key: shape for key, shape in expected.items() if key in found}
+    problem = layout_mismatch(expected, found)
+    if problem:
+        raise ValueError(f"score_sde checkpoint does not match the model ({problem}); was the model built with the "
+                         "checkpoint's config?")
     model.load_state_dict(state, strict=strict)
     return model
