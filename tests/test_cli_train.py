@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from edm_toolkit.checkpoints import load_model
+from edm_toolkit.loading import load_model
 from edm_toolkit.cli import main
 from edm_toolkit.training.state import load_state
 

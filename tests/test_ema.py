@@ -143,7 +143,7 @@ def test_edm_phema_on_a_training_run_matches_the_directly_tracked_profile(tmp_pa
     tracked 0.07 average (measured 0.15%)."""
     from click.testing import CliRunner
 
-    from edm_toolkit.checkpoints import load_model
+    from edm_toolkit.loading import load_model
     from edm_toolkit.cli import main
     from test_training import TINY_ARGS, make_dataset
 

@@ -17,7 +17,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..checkpoints import load_model, save_model
+from ..checkpoints import save_model
+from ..loading import load_model
 from ..errors import ConfigError
 from .ema import check_sigma_rel, posthoc_coefficients
 
