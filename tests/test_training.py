@@ -219,7 +219,9 @@ def test_sigkill_then_resume_auto_is_bit_identical(tmp_path, one_thread):
     reference = run_in_process("train", "--outdir", tmp_path / "reference", *common)
     assert reference.exit_code == 0, reference.output
 
-    kill_after = random.SystemRandom().randint(1, steps - 3)  # the tick line of this step triggers the kill
+    # The tick line of this step triggers the kill; states are dumped from tick 1 on (EDM skips tick 0), after the
+    # line is printed, so the kill comes at step 2 or later for a state to exist.
+    kill_after = random.SystemRandom().randint(2, steps - 3)
     killed_dir = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "edm_toolkit", "train", "--outdir", str(killed_dir), *map(str, common)],
                                env=single_thread_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
