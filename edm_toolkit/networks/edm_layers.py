@@ -41,15 +41,20 @@ def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> t
     ``xavier_*`` use the variance 2/(fan_in+fan_out), ``kaiming_*`` 1/fan_in;
     the uniform variants draw ``rand*2-1`` and the normal ones ``randn``, one
     draw per call, so construction consumes the global RNG like EDM does.
+
+    The arithmetic is in place (same operations, same order, same values):
+    on the meta device, where ``checkpoints.build_backbone`` builds networks,
+    out-of-place arithmetic runs PyTorch's Python reference kernels, which
+    import ``torch._dynamo`` (about a second of start-up for every load).
     """
     if mode == "xavier_uniform":
-        return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
+        return torch.rand(*shape).mul_(2).sub_(1).mul_(math.sqrt(6 / (fan_in + fan_out)))
     if mode == "xavier_normal":
-        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
+        return torch.randn(*shape).mul_(math.sqrt(2 / (fan_in + fan_out)))
     if mode == "kaiming_uniform":
-        return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
+        return torch.rand(*shape).mul_(2).sub_(1).mul_(math.sqrt(3 / fan_in))
     if mode == "kaiming_normal":
-        return math.sqrt(1 / fan_in) * torch.randn(*shape)
+        return torch.randn(*shape).mul_(math.sqrt(1 / fan_in))
     raise ValueError(f"unknown init_mode {mode!r}; expected one of {', '.join(_INIT_MODES)}")
 
 
@@ -73,17 +78,22 @@ class Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
-        self.weight = nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
-        self.bias = nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
+        self.weight = nn.Parameter(weight_init([out_features, in_features], **fans).mul_(init_weight))
+        self.bias = nn.Parameter(weight_init([out_features], **fans).mul_(init_bias)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype), _cast(self.bias, x))
 
 
 def _resample_kernel(taps: Sequence[float]) -> torch.Tensor:
-    """Separable 2-D FIR filter ``outer(f, f) / sum(f)^2`` as a [1, 1, k, k] float32 tensor."""
-    f = torch.as_tensor(taps, dtype=torch.float32)
-    return (torch.outer(f, f) / f.sum().square()).reshape(1, 1, len(f), len(f))
+    """Separable 2-D FIR filter ``outer(f, f) / sum(f)^2`` as a [1, 1, k, k] float32 tensor.
+
+    Computed on the CPU and copied to the default device, so that building on the meta device runs no
+    out-of-place arithmetic there (see :func:`weight_init`).
+    """
+    f = torch.as_tensor(taps, dtype=torch.float32, device="cpu")
+    kernel = (torch.outer(f, f) / f.sum().square()).reshape(1, 1, len(f), len(f))
+    return torch.empty(kernel.shape).copy_(kernel)
 
 
 class Conv2d(nn.Module):
@@ -122,8 +132,8 @@ class Conv2d(nn.Module):
         self.fused_resample = fused_resample
         fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
         shape = [out_channels, in_channels, kernel, kernel]
-        self.weight = nn.Parameter(weight_init(shape, **fans) * init_weight) if kernel else None
-        self.bias = nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
+        self.weight = nn.Parameter(weight_init(shape, **fans).mul_(init_weight)) if kernel else None
+        self.bias = nn.Parameter(weight_init([out_channels], **fans).mul_(init_bias)) if kernel and bias else None
         self.register_buffer("resample_filter", _resample_kernel(resample_filter) if up or down else None)
 
     def _fir(self, x: torch.Tensor, channels: int, padding: int) -> torch.Tensor:
@@ -318,7 +328,7 @@ class FourierEmbedding(nn.Module):
 
     def __init__(self, num_channels: int, scale: float = 16):
         super().__init__()
-        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+        self.register_buffer("freqs", torch.randn(num_channels // 2).mul_(scale))  # in place: see weight_init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         angles = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))

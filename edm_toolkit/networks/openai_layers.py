@@ -26,6 +26,7 @@ from torch import nn
 __all__ = [
     "AttentionBlock",
     "AttentionPool2d",
+    "class_embedding",
     "Downsample",
     "EmbedSequential",
     "GroupNorm32",
@@ -67,6 +68,16 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     if dim % 2:
         embedding = F.pad(embedding, (0, 1))
     return embedding
+
+
+def class_embedding(num_classes: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding(num_classes, dim)`` (the originals' ``label_emb``), its N(0, 1) weights drawn by ``randn``.
+
+    The same values from the same RNG state as ``nn.Embedding``'s own ``normal_`` initialisation, but built on the
+    meta device (as ``checkpoints.build_backbone`` does) it runs no Python reference kernel, which would import
+    ``torch._dynamo`` (about a second of start-up for every load).
+    """
+    return nn.Embedding(num_classes, dim, _weight=torch.randn(num_classes, dim))
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -267,7 +278,7 @@ class AttentionPool2d(nn.Module):
 
     def __init__(self, spatial_dim: int, embed_dim: int, num_heads_channels: int, output_dim: int | None = None):
         super().__init__()
-        self.positional_embedding = nn.Parameter(torch.randn(embed_dim, spatial_dim**2 + 1) / embed_dim**0.5)
+        self.positional_embedding = nn.Parameter(torch.randn(embed_dim, spatial_dim**2 + 1).div_(embed_dim**0.5))
         self.qkv_proj = nn.Conv1d(embed_dim, 3 * embed_dim, 1)
         self.c_proj = nn.Conv1d(embed_dim, output_dim or embed_dim, 1)
         self.num_heads = resolve_num_heads(embed_dim, 1, num_heads_channels)
