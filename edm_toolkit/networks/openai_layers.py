@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .edm_layers import group_norm
+
 __all__ = [
     "AttentionBlock",
     "AttentionPool2d",
@@ -81,12 +83,15 @@ def class_embedding(num_classes: int, dim: int) -> nn.Embedding:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm that always normalises in float32 and returns the input's dtype."""
+    """GroupNorm that always normalises in float32 and returns the input's dtype.
+
+    fp32 activations take the original's ``F.group_norm``; bf16/fp16 (and channels_last) activations of the fast
+    path take :func:`~edm_toolkit.networks.edm_layers.group_norm`, which computes the statistics in float32 without
+    an fp32 copy of the input (the affine map then runs in the input's dtype).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def normalization(channels: int) -> GroupNorm32:
