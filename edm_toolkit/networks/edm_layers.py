@@ -182,7 +182,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
     """
     native = x.is_contiguous() or _native_group_norm_keeps_layout(x)
     if x.dtype == torch.float32 and native:
-        return F.group_norm(x, num_groups, weight, bias, eps)
+        return F.group_norm(x, num_groups, weight.to(x.dtype), bias.to(x.dtype), eps)
     with torch.autocast(x.device.type, enabled=False):
         if native:
             return F.group_norm(x, num_groups, weight.to(x.dtype), bias.to(x.dtype), eps)

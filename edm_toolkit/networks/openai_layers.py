@@ -85,9 +85,10 @@ def class_embedding(num_classes: int, dim: int) -> nn.Embedding:
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm that always normalises in float32 and returns the input's dtype.
 
-    fp32 activations take the original's ``F.group_norm``; bf16/fp16 (and channels_last) activations of the fast
-    path take :func:`~edm_toolkit.networks.edm_layers.group_norm`, which computes the statistics in float32 without
-    an fp32 copy of the input (the affine map then runs in the input's dtype).
+    fp32 activations take the original's ``F.group_norm``. bf16/fp16 activations (the fast path, and the torso
+    after ``convert_to_fp16``) are normalised by :func:`~edm_toolkit.networks.edm_layers.group_norm` in their own
+    dtype, statistics accumulated in float32, without an fp32 copy of the input; the only difference from the
+    original's fp32 computation is the rounding of the affine parameters to that dtype.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
