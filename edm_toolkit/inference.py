@@ -101,7 +101,8 @@ class FastDenoiser(DenoiserWrapper):
 
     Inputs go in channels_last when asked for; sigma is handed over as a tensor on the input's device (so a
     compiled network is not specialised on, and recompiled for, every noise level); the output is float32 in the
-    standard layout, and a fresh tensor also when CUDA graphs reuse their buffers.
+    standard layout, and a fresh tensor also when CUDA graphs reuse their buffers. ``denoise_with_variance`` (the
+    learned-variance samplers) runs the prepared copy eagerly.
     """
 
     def __init__(self, net: nn.Module, options: InferenceOptions):
