@@ -10,16 +10,25 @@ time (from the smaller batches) exceeds --budget seconds per evaluation are skip
 
     python tools/bench_networks.py                 # writes its section of docs/benchmarks.md
     python tools/bench_networks.py --quick         # DDPM++ at batch 8 only, prints only
+    python tools/bench_networks.py --startup --before REF   # start-up CPU time, this tree against git REF
+
+--startup (issue 13, item 4) measures what a process costs before it does any work: the CPU time (user + system,
+which the load of other processes on the machine affects less than wall time) of fresh interpreters that import
+the CLI, print ``edm --help``, load a small model file, and run ``edm generate`` on it (4 images, 2 steps),
+best of R interleaved repetitions; and whether loading imported the compiler (torch._dynamo). With --before REF
+the same runs are made on that git revision of the package (exported to a temporary directory) in between.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -111,9 +120,15 @@ def main():
     parser.add_argument("--quick", action="store_true", help="DDPM++ at batch 8 only; print, do not write docs")
     parser.add_argument("--budget", type=float, default=150.0, help="skip configurations estimated slower (s per NFE)")
     parser.add_argument("--compile-timeout", type=float, default=900.0, help="seconds allowed for a compiled run")
+    parser.add_argument("--startup", action="store_true", help="measure start-up CPU time instead (see above)")
+    parser.add_argument("--before", metavar="REF", help="with --startup: also measure this git revision")
+    parser.add_argument("--reps", type=int, default=5, help="with --startup: interleaved repetitions")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(*json.loads(args.child))))
+        return
+    if args.startup:
+        startup(args.before, args.reps, write=not args.quick)
         return
 
     networks = ["DDPM++ 32x32"] if args.quick else list(NETWORKS)
@@ -165,6 +180,76 @@ def main():
                      f"{r['peak_rss_gb']:.2f} | {err} | {r['first_call_s']:.1f} |")
     write_section("networks", "\n".join(lines))
     print("wrote docs/benchmarks.md")
+
+
+REPO = Path(__file__).resolve().parents[1]
+STARTUP_STEPS = {  # name: command line after the interpreter, {model} and {out} filled in
+    "import the CLI": ["-c", "import edm_toolkit.cli"],
+    "edm --help": ["-m", "edm_toolkit", "--help"],
+    "load a model": ["-c", "import sys; from edm_toolkit.loading import load_denoiser; load_denoiser(sys.argv[1]); "
+                     "print('torch._dynamo' in sys.modules)", "{model}"],
+    "edm generate (4 images, 2 steps)": ["-m", "edm_toolkit", "generate", "--network", "{model}", "--seeds", "0-3",
+                                         "--steps", "2", "--outdir", "{out}", "--device", "cpu"],
+}
+
+
+def startup(before: str | None, reps: int, write: bool) -> None:
+    """Start-up CPU time of fresh interpreters, this tree (and git revision ``before``), best of ``reps``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = tmp / "ddpmpp-tiny.pt"
+        subprocess.run([sys.executable, "-c", (
+            "import sys, torch\n"
+            "from edm_toolkit.checkpoints import save_model\n"
+            "from edm_toolkit.networks.song_unet import SongUNet, published_config\n"
+            "from edm_toolkit.precond import EDMPrecond\n"
+            "torch.manual_seed(0)\n"
+            "net = SongUNet(img_resolution=16, in_channels=3, out_channels=3, **published_config('ddpmpp', "
+            "model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8]))\n"
+            "save_model(EDMPrecond(net, img_resolution=16, img_channels=3), sys.argv[1])\n"), str(model)], check=True)
+        trees = {"this tree": None}  # the installed (editable) package
+        if before:
+            export = tmp / "before"
+            export.mkdir()
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", before, "edm_toolkit", "presets"],
+                                     capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(export)], input=archive, check=True)
+            (export / "edm_toolkit" / "preset_data").symlink_to(export / "presets")  # as the installed package has it
+            trees = {f"before ({before})": export, **trees}
+        best = {(tree, step): float("inf") for tree in trees for step in STARTUP_STEPS}
+        dynamo = {}
+        for _ in range(reps):
+            for tree, root in trees.items():
+                env = {**os.environ, "OMP_NUM_THREADS": "1", **({"PYTHONPATH": str(root)} if root else {})}
+                for step, command in STARTUP_STEPS.items():
+                    argv = [a.format(model=model, out=tmp / "out") for a in command]
+                    before_usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=tmp)
+                    after_usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    if done.returncode != 0:
+                        raise SystemExit(f"{tree}: {step} failed: {done.stderr.strip()[-300:]}")
+                    cpu = (after_usage.ru_utime - before_usage.ru_utime) + (after_usage.ru_stime - before_usage.ru_stime)
+                    best[tree, step] = min(best[tree, step], cpu)
+                    if step == "load a model":
+                        dynamo[tree] = done.stdout.strip() == "True"
+    import torch
+
+    lines = ["## Start-up time (`tools/bench_networks.py --startup`)", "",
+             f"Command: `python tools/bench_networks.py --startup{f' --before {before}' if before else ''}`  ",
+             f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+             f"Python {platform.python_version()}.", "",
+             f"CPU time (user + system) of a fresh interpreter, best of {reps} interleaved repetitions; the model is "
+             "DDPM++ at 16x16 with 32 channels (a toolkit model file). Every step is a process of its own, imports included.",
+             "", "| step | " + " | ".join(trees) + " |", "|---|" + "---:|" * len(trees)]
+    for step in STARTUP_STEPS:
+        lines.append(f"| {step} | " + " | ".join(f"{best[tree, step]:.2f} s" for tree in trees) + " |")
+    lines.append("| loading imports torch._dynamo | " + " | ".join("yes" if dynamo[t] else "no" for t in trees) + " |")
+    print("\n".join(lines))
+    if write:
+        from _report import write_section
+
+        write_section("startup", "\n".join(lines))
+        print("wrote docs/benchmarks.md")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,11 @@ with ``strict=True`` and a freshly built network starts where EDM's starts.
 
 Every layer casts its parameters to the input dtype, as EDM does for its
 ``use_fp16`` mode, and has no Python control flow on tensor values, so it runs
-under ``torch.autocast`` and ``torch.compile``.
+under ``torch.autocast`` and ``torch.compile``.  Low-precision and
+channels_last activations (the fast path of ``edm_toolkit.inference``) go
+through :func:`group_norm` and a layout-aware :func:`self_attention`, which
+avoid PyTorch's dtype and layout round trips; fp32 activations in the
+standard layout take exactly the faithful code path.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ __all__ = [
     "Linear",
     "Conv2d",
     "GroupNorm",
+    "group_norm",
     "self_attention",
     "UNetBlock",
     "PositionalEmbedding",
@@ -41,15 +46,20 @@ def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> t
     ``xavier_*`` use the variance 2/(fan_in+fan_out), ``kaiming_*`` 1/fan_in;
     the uniform variants draw ``rand*2-1`` and the normal ones ``randn``, one
     draw per call, so construction consumes the global RNG like EDM does.
+
+    The arithmetic is in place (same operations, same order, same values):
+    on the meta device, where ``checkpoints.build_backbone`` builds networks,
+    out-of-place arithmetic runs PyTorch's Python reference kernels, which
+    import ``torch._dynamo`` (about a second of start-up for every load).
     """
     if mode == "xavier_uniform":
-        return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
+        return torch.rand(*shape).mul_(2).sub_(1).mul_(math.sqrt(6 / (fan_in + fan_out)))
     if mode == "xavier_normal":
-        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
+        return torch.randn(*shape).mul_(math.sqrt(2 / (fan_in + fan_out)))
     if mode == "kaiming_uniform":
-        return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
+        return torch.rand(*shape).mul_(2).sub_(1).mul_(math.sqrt(3 / fan_in))
     if mode == "kaiming_normal":
-        return math.sqrt(1 / fan_in) * torch.randn(*shape)
+        return torch.randn(*shape).mul_(math.sqrt(1 / fan_in))
     raise ValueError(f"unknown init_mode {mode!r}; expected one of {', '.join(_INIT_MODES)}")
 
 
@@ -73,17 +83,22 @@ class Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
-        self.weight = nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
-        self.bias = nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
+        self.weight = nn.Parameter(weight_init([out_features, in_features], **fans).mul_(init_weight))
+        self.bias = nn.Parameter(weight_init([out_features], **fans).mul_(init_bias)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype), _cast(self.bias, x))
 
 
 def _resample_kernel(taps: Sequence[float]) -> torch.Tensor:
-    """Separable 2-D FIR filter ``outer(f, f) / sum(f)^2`` as a [1, 1, k, k] float32 tensor."""
-    f = torch.as_tensor(taps, dtype=torch.float32)
-    return (torch.outer(f, f) / f.sum().square()).reshape(1, 1, len(f), len(f))
+    """Separable 2-D FIR filter ``outer(f, f) / sum(f)^2`` as a [1, 1, k, k] float32 tensor.
+
+    Computed on the CPU and copied to the default device, so that building on the meta device runs no
+    out-of-place arithmetic there (see :func:`weight_init`).
+    """
+    f = torch.as_tensor(taps, dtype=torch.float32, device="cpu")
+    kernel = (torch.outer(f, f) / f.sum().square()).reshape(1, 1, len(f), len(f))
+    return torch.empty(kernel.shape).copy_(kernel)
 
 
 class Conv2d(nn.Module):
@@ -122,8 +137,8 @@ class Conv2d(nn.Module):
         self.fused_resample = fused_resample
         fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
         shape = [out_channels, in_channels, kernel, kernel]
-        self.weight = nn.Parameter(weight_init(shape, **fans) * init_weight) if kernel else None
-        self.bias = nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
+        self.weight = nn.Parameter(weight_init(shape, **fans).mul_(init_weight)) if kernel else None
+        self.bias = nn.Parameter(weight_init([out_channels], **fans).mul_(init_bias)) if kernel and bias else None
         self.register_buffer("resample_filter", _resample_kernel(resample_filter) if up or down else None)
 
     def _fir(self, x: torch.Tensor, channels: int, padding: int) -> torch.Tensor:
@@ -156,11 +171,62 @@ class Conv2d(nn.Module):
         return x
 
 
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """``F.group_norm(x, num_groups, weight, bias, eps)`` for x [B, C, ...], computed in x's dtype and memory layout.
+
+    fp32 input in the standard layout takes ``F.group_norm`` unchanged: the faithful path.  bf16/fp16 input takes
+    ``F.group_norm`` in that dtype (statistics accumulated in fp32 inside the kernel), as EDM's ``use_fp16`` does,
+    with autocast disabled around it: autocast would run it in fp32, a round trip of the largest tensors of the
+    network through fp32 copies.  channels_last input on a device whose kernel would copy it to the standard
+    layout (the GPU: the next convolution then copies it back) takes :func:`_group_norm_in_place`.
+    """
+    native = x.is_contiguous() or _native_group_norm_keeps_layout(x)
+    if x.dtype == torch.float32 and native:
+        return F.group_norm(x, num_groups, weight.to(x.dtype), bias.to(x.dtype), eps)
+    with torch.autocast(x.device.type, enabled=False):
+        if native:
+            return F.group_norm(x, num_groups, weight.to(x.dtype), bias.to(x.dtype), eps)
+        return _group_norm_in_place(x, num_groups, weight, bias, eps)
+
+
+def _native_group_norm_keeps_layout(x: torch.Tensor) -> bool:
+    """Whether ``F.group_norm`` normalises x in its own memory layout: PyTorch's CPU kernels do (channels_last
+    included); its CUDA kernel first copies the input to the standard layout (ATen ``group_norm``)."""
+    return x.device.type == "cpu"
+
+
+def _group_norm_in_place(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                         eps: float) -> torch.Tensor:
+    """Group normalisation that reads x where it is, whatever its memory layout, and writes one tensor like it.
+
+    The per-group statistics are reductions over a grouped view of x that accumulate in fp32; the normalisation
+    and affine map are one ``addcmul`` with per-channel ``scale = weight / std`` and ``shift = bias - mean *
+    scale``, in x's dtype.  fp32 statistics come from ``var_mean`` (Welford).  For bf16/fp16 input the variance
+    is E[x^2] - mean^2 from two fp32 reductions that need no fp32 copy of x; its rounding error relative to the
+    standard deviation, ~2^-25 (mean/std)^2, stays below the error that the input's own rounding carries into the
+    normalised value, ~2^-9 (bf16) or 2^-11 (fp16) times mean/std, for any mean/std below 2^14.
+    """
+    batch, channels = x.shape[:2]
+    grouped = x.unflatten(1, (num_groups, channels // num_groups))  # a view in any memory layout
+    dims = tuple(range(2, grouped.ndim))
+    if x.dtype == torch.float32:
+        var, mean = torch.var_mean(grouped, dim=dims, correction=0)
+    else:
+        mean = grouped.mean(dim=dims, dtype=torch.float32)
+        norm = torch.linalg.vector_norm(grouped, 2, dim=dims, dtype=torch.float32)
+        var = torch.addcmul(norm.square() / grouped[0, 0].numel(), mean, mean, value=-1).clamp_min(0)
+    scale = weight.float().reshape(1, num_groups, -1) * (var + eps).rsqrt()[:, :, None]  # [B, groups, C/groups]
+    shift = torch.addcmul(bias.float().reshape(1, num_groups, -1), mean[:, :, None], scale, value=-1)
+    shape = (batch, channels) + (1,) * (x.ndim - 2)
+    return torch.addcmul(shift.reshape(shape).to(x.dtype), x, scale.reshape(shape).to(x.dtype))
+
+
 class GroupNorm(nn.Module):
     """Group normalisation with ``min(num_groups, C // min_channels_per_group)`` groups (EDM's ``GroupNorm``).
 
     Fewer than 32 groups for narrow layers is why EDM's ADM differs from
-    guided-diffusion's ``GroupNorm32`` below 128 channels.
+    guided-diffusion's ``GroupNorm32`` below 128 channels.  Computed by
+    :func:`group_norm` (``F.group_norm`` for fp32 activations).
     """
 
     def __init__(self, num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4, eps: float = 1e-5):
@@ -171,7 +237,7 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def self_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -180,18 +246,24 @@ def self_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     ``qkv`` is the [B, 3C, H, W] output of the qkv 1x1 conv.  EDM reads it as
     [B*heads, C/heads, 3, H*W]: q, k and v are interleaved per channel, not
     stored as blocks.  Logits are q.k / sqrt(C/heads), as in EDM (which scales
-    k), and the result is returned as [B, C, H, W].
+    k), and the result is returned as [B, C, H, W], in qkv's memory layout.
 
     Runs through ``scaled_dot_product_attention``; its fused kernels keep the
     softmax in float32 also for bf16/fp16 inputs, matching EDM's
-    float32 ``AttentionOp``.
+    float32 ``AttentionOp``.  q, k and v are made contiguous (what the fused
+    kernels need) by one copy in either memory layout.
     """
     batch, channels3, height, width = qkv.shape
     head_dim = channels3 // (3 * num_heads)
-    # [B, heads, c, 3, HW] -> [3, B, heads, HW, c]; contiguous so that the fused kernel is used.
-    qkv = qkv.reshape(batch, num_heads, head_dim, 3, height * width).permute(3, 0, 1, 4, 2).contiguous()
-    q, k, v = qkv.unbind(0)
-    out = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(head_dim)
+    channels_last = qkv.is_contiguous(memory_format=torch.channels_last) and not qkv.is_contiguous()
+    if channels_last:  # memory [B, H, W, heads, c, 3] -> [3, B, heads, HW, c]
+        qkv = qkv.permute(0, 2, 3, 1).reshape(batch, height * width, num_heads, head_dim, 3).permute(4, 0, 2, 1, 3)
+    else:  # memory [B, heads, c, 3, HW] -> [3, B, heads, HW, c]
+        qkv = qkv.reshape(batch, num_heads, head_dim, 3, height * width).permute(3, 0, 1, 4, 2)
+    q, k, v = qkv.contiguous().unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(head_dim); [B, heads, HW, c]
+    if channels_last:
+        return out.transpose(1, 2).reshape(batch, height, width, num_heads * head_dim).permute(0, 3, 1, 2)
     return out.transpose(-1, -2).reshape(batch, num_heads * head_dim, height, width)
 
 
@@ -318,7 +390,7 @@ class FourierEmbedding(nn.Module):
 
     def __init__(self, num_channels: int, scale: float = 16):
         super().__init__()
-        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+        self.register_buffer("freqs", torch.randn(num_channels // 2).mul_(scale))  # in place: see weight_init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         angles = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))

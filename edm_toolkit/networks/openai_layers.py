@@ -23,9 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .edm_layers import group_norm
+
 __all__ = [
     "AttentionBlock",
     "AttentionPool2d",
+    "class_embedding",
     "Downsample",
     "EmbedSequential",
     "GroupNorm32",
@@ -69,13 +72,27 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return embedding
 
 
+def class_embedding(num_classes: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding(num_classes, dim)`` (the originals' ``label_emb``), its N(0, 1) weights drawn by ``randn``.
+
+    The same values from the same RNG state as ``nn.Embedding``'s own ``normal_`` initialisation, but built on the
+    meta device (as ``checkpoints.build_backbone`` does) it runs no Python reference kernel, which would import
+    ``torch._dynamo`` (about a second of start-up for every load).
+    """
+    return nn.Embedding(num_classes, dim, _weight=torch.randn(num_classes, dim))
+
+
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm that always normalises in float32 and returns the input's dtype."""
+    """GroupNorm that always normalises in float32 and returns the input's dtype.
+
+    fp32 activations take the original's ``F.group_norm``. bf16/fp16 activations (the fast path, and the torso
+    after ``convert_to_fp16``) are normalised by :func:`~edm_toolkit.networks.edm_layers.group_norm` in their own
+    dtype, statistics accumulated in float32, without an fp32 copy of the input; the only difference from the
+    original's fp32 computation is the rounding of the affine parameters to that dtype.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def normalization(channels: int) -> GroupNorm32:
@@ -267,7 +284,7 @@ class AttentionPool2d(nn.Module):
 
     def __init__(self, spatial_dim: int, embed_dim: int, num_heads_channels: int, output_dim: int | None = None):
         super().__init__()
-        self.positional_embedding = nn.Parameter(torch.randn(embed_dim, spatial_dim**2 + 1) / embed_dim**0.5)
+        self.positional_embedding = nn.Parameter(torch.randn(embed_dim, spatial_dim**2 + 1).div_(embed_dim**0.5))
         self.qkv_proj = nn.Conv1d(embed_dim, 3 * embed_dim, 1)
         self.c_proj = nn.Conv1d(embed_dim, output_dim or embed_dim, 1)
         self.num_heads = resolve_num_heads(embed_dim, 1, num_heads_channels)

@@ -204,7 +204,7 @@ class GaussianFourierProjection(nn.Module):
 
     def __init__(self, embedding_size: int = 256, scale: float = 1.0):
         super().__init__()
-        self.W = nn.Parameter(torch.randn(embedding_size) * scale, requires_grad=False)
+        self.W = nn.Parameter(torch.randn(embedding_size).mul_(scale), requires_grad=False)  # in place: no meta-device reference kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_proj = x[:, None] * self.W[None, :] * 2 * math.pi
