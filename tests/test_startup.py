@@ -46,12 +46,6 @@ with torch.no_grad():
 print(json.dumps(report))
 """
 
-# guided-diffusion's class-conditional UNet builds its label embedding with nn.Embedding, whose normal_ initialiser
-# imports torch._dynamo on the meta device; openai_unet.py (another helper's file) is to build it with
-# openai_layers.class_embedding instead.
-GUIDED_EMBEDDING = pytest.mark.xfail(strict=True, reason="openai_unet.py: use class_embedding for label_emb")
-
-
 def test_weight_init_draws_edms_values():
     """In-place arithmetic (no meta-device reference kernels) gives EDM's values bit for bit."""
     for mode, formula in (
@@ -85,7 +79,7 @@ def _file(family, load_fixture, tmp_path):
     return str(path), source
 
 
-@pytest.mark.parametrize("family", ["edm-pickle", "toolkit", pytest.param("guided-diffusion", marks=GUIDED_EMBEDDING),
+@pytest.mark.parametrize("family", ["edm-pickle", "toolkit", "guided-diffusion",
                                     "improved-diffusion", "score_sde"])
 def test_loading_and_running_a_model_does_not_import_the_compiler(family, load_fixture, tmp_path):
     path, source = _file(family, load_fixture, tmp_path)

@@ -264,7 +264,8 @@ def self_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     out = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(head_dim); [B, heads, HW, c]
     if channels_last:
         return out.transpose(1, 2).reshape(batch, height, width, num_heads * head_dim).permute(0, 3, 1, 2)
-    return out.transpose(-1, -2).reshape(batch, num_heads * head_dim, height, width)
+    # One head makes the reshape a transposed view; the convolutions after it want the standard layout.
+    return out.transpose(-1, -2).reshape(batch, num_heads * head_dim, height, width).contiguous()
 
 
 class UNetBlock(nn.Module):

@@ -23,6 +23,7 @@ from torch import nn
 
 from .openai_layers import (
     AttentionBlock,
+    class_embedding,
     AttentionPool2d,
     Downsample,
     EmbedSequential,
@@ -118,7 +119,7 @@ class _ADMTrunk(nn.Module):
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if config.num_classes is not None:
-            self.label_emb = nn.Embedding(config.num_classes, emb_dim)
+            self.label_emb = class_embedding(config.num_classes, emb_dim)
 
         ch = int(self.channel_mult[0] * model_channels)
         self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(config.in_channels, ch, 3, padding=1))])
