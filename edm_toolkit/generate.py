@@ -6,6 +6,7 @@ only on its seed, not on the batch it was drawn in or on the process that drew i
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from PIL import Image
 from .distributed import ProcessGroup, rank_batches
 from .errors import EDMToolkitError
 from .images import image_path, make_grid, save_png, to_uint8
+from .outputs import remove_stale_temp_files
 from .rng import SeedGenerators
 from .sampling import Sampler, StepInfo
 
@@ -99,14 +101,53 @@ class Progress:
             self.stream.flush()
 
 
+def output_plan(outdir: str | Path, seeds: Sequence[int], subdirs: bool = False, extra: Sequence[str] = ()) -> dict[int, Path]:
+    """The PNG path of every seed, after checking that nothing is in the way: ``outdir`` and the subdirectories are
+    directories where they exist, and no output name (nor one of ``extra``, e.g. grid.png) is a directory or
+    another non-file. Reads each existing directory once; creates nothing."""
+    paths = {seed: image_path(outdir, seed, subdirs) for seed in dict.fromkeys(seeds)}
+    wanted: dict[Path, set[str]] = {}
+    for path in paths.values():
+        wanted.setdefault(path.parent, set()).add(path.name)
+    wanted.setdefault(Path(outdir), set()).update(extra)
+    for directory, names in wanted.items():
+        try:
+            entries = os.scandir(directory)
+        except FileNotFoundError:
+            continue
+        except NotADirectoryError:
+            raise EDMToolkitError(f"{str(directory)!r} is a file in the way of an output directory; move or remove it") from None
+        with entries:
+            for entry in entries:
+                if entry.name in names and not entry.is_file():
+                    kind = "directory" if entry.is_dir() else "non-file"
+                    raise EDMToolkitError(f"{entry.path!r} is a {kind} in the way of an output image; move or remove it")
+    return paths
+
+
 def generate_images(
     net, sampler: Sampler, seeds: Sequence[int], outdir: str | Path, *, max_batch_size: int = 64,
     class_idx: int | None = None, subdirs: bool = False, device="cpu", group: ProcessGroup = ProcessGroup(),
-    progress: bool = True, plan=None,
+    progress: bool = True, plan=None, skip_existing: bool = False,
 ) -> list[Path]:
-    """Writes one PNG per seed (this process's share of the seeds); returns the paths it wrote."""
+    """Writes one PNG per seed (this process's share of the seeds); returns the paths it wrote.
+
+    Temporary files that killed runs left in the output directories are removed first. With ``skip_existing``,
+    seeds whose PNG already exists are left out (an image depends only on its seed, so a resumed run writes the
+    same files an uninterrupted one would). A seed whose image is not finite (NaN or inf: a broken network or an
+    extreme noise range) stops the run with an error naming it, before its batch is written.
+    """
     check_class(net, class_idx)
     device = torch.device(device)
+    paths = output_plan(outdir, seeds, subdirs)
+    for directory in {Path(outdir), *(p.parent for p in paths.values())}:
+        remove_stale_temp_files(directory)
+    if skip_existing:
+        pending = [s for s in seeds if not _complete(paths[s])]
+        group.barrier()  # every rank lists the files before any rank writes one, so all split the same seeds
+        if progress and group.rank == 0 and len(pending) < len(seeds):
+            print(f"Skipping {len(seeds) - len(pending)} seeds whose PNG exists", file=sys.stderr, flush=True)
+        seeds = pending
     batches = rank_batches(list(seeds), max_batch_size, group)
     plan = plan if plan is not None else sampler.plan(net, device)
     meter = Progress(sum(len(b) for b in batches), plan.nfe, enabled=progress and group.rank == 0)
@@ -116,14 +157,31 @@ def generate_images(
             if not batch_seeds:
                 continue
             images = sample_batch(net, sampler, batch_seeds, device, class_idx, callback=meter.step, plan=plan)
+            check_finite(images, batch_seeds)
             for seed, image in zip(batch_seeds, to_uint8(images)):
-                path = image_path(outdir, seed, subdirs)
-                save_png(image, path)
-                written.append(path)
+                save_png(image, paths[seed])
+                written.append(paths[seed])
             meter.batch_done(len(batch_seeds))
     finally:
         meter.close()
     return written
+
+
+def check_finite(images: torch.Tensor, seeds: Sequence[int]) -> None:
+    """Raises naming the first seed whose image holds NaN or inf (which EDM's uint8 conversion writes as black)."""
+    finite = torch.isfinite(images).flatten(1).all(1)
+    if not bool(finite.all()):
+        seed = seeds[int((~finite).nonzero()[0])]
+        raise EDMToolkitError(f"the image of seed {seed} is not finite (NaN or inf), so nothing of its batch was "
+                              "written: the network's output or the noise range (--sigma_max, --sigma_min) is broken")
+
+
+def _complete(path: Path) -> bool:
+    """An existing, non-empty regular file (this toolkit writes atomically, so it is a whole PNG)."""
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def write_grid(seeds: Sequence[int], outdir: str | Path, subdirs: bool = False, name: str = "grid.png") -> Path:
