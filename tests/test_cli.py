@@ -109,7 +109,7 @@ def _bad_file(tmp_path):
 
 
 BAD = [
-    (["--steps", "1"], "'--steps': 1 is not in the range x>=2"),
+    (["--steps", "1"], "'--steps': 1 is not in the range 2<=x<=100000"),
     (["--steps", "ten"], "'--steps': 'ten' is not a valid integer"),
     (["--seeds", "a-b"], "'--seeds': 'a-b' is not a seed"),
     (["--seeds", "5-1"], "range '5-1' is empty"),
