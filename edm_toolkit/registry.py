@@ -28,7 +28,9 @@ def show(value: Any, limit: int = 60) -> str:
     """``repr(value)`` for an error message, shortened: a hostile value (a megabyte of text, an integer of
     thousands of digits, which ``repr`` itself refuses to write) must not become a megabyte-long error line."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
-        return f"an integer of {int(value.bit_length() * math.log10(2)) + 1} digits"
+        low = int((value.bit_length() - 1) * math.log10(2))  # 10**low <= 2**(bits - 1) <= |value|
+        digits = low + 2 if abs(value) >= 10 ** (low + 1) else low + 1
+        return f"an integer of {digits} digits"
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

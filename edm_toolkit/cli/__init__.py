@@ -40,7 +40,9 @@ class _Group(click.Group):
         previous = _install_signal_handlers()
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.Abort:
+        except click.exceptions.Abort as exc:  # click's form of KeyboardInterrupt, the original as its cause
+            if isinstance(exc.__cause__, Terminated):
+                _fail(f"terminated by signal {exc.__cause__.signum}", 128 + exc.__cause__.signum)
             _fail("interrupted", 130)
         except click.ClickException as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) else ""
