@@ -61,7 +61,7 @@ class EDMDiscretization(Discretization):
 
     def __post_init__(self):
         if not (self.rho > 0 and math.isfinite(self.rho)):
-            raise ConfigError(f"edm discretization rho must be a finite number > 0, got {self.rho}")
+            raise ConfigError(f"edm discretization rho must be > 0 and finite, got {self.rho}")
 
     @property
     def default_sigma_range(self):
@@ -157,7 +157,7 @@ class IDDPMDiscretization(Discretization):
         if not 0 < self.C_1 <= 1:
             raise ConfigError(f"iddpm discretization C_1 must lie in (0, 1], got {self.C_1}")
         if not (self.C_2 >= 0 and math.isfinite(self.C_2)):
-            raise ConfigError(f"iddpm discretization C_2 must be a finite number >= 0, got {self.C_2}")
+            raise ConfigError(f"iddpm discretization C_2 must be >= 0 and finite, got {self.C_2}")
 
     @property
     def default_sigma_range(self):

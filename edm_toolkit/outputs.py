@@ -36,8 +36,9 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Pat
     """Calls ``write(file)`` on a temporary file next to ``path`` and renames it to ``path`` (replacing a file of
     that name); on any failure or interrupt the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
-    if path.is_dir():
-        raise EDMToolkitError(f"{str(path)!r} is a directory in the way of an output file; move or remove it")
+    if os.path.lexists(path) and not path.is_file():  # a directory, FIFO or device is never replaced
+        kind = "directory" if path.is_dir() else "non-file"
+        raise EDMToolkitError(f"{str(path)!r} is a {kind} in the way of an output file; move or remove it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)

@@ -13,7 +13,7 @@ from ..schedules import SCALINGS, SCHEDULES
 from ..solvers import SOLVERS
 from ..solvers.base import solver_options
 from .files import source_options
-from .types import Count, Interval, Number, OutputDir, Seeds, parse_seeds  # noqa: F401  (parse_seeds: public here)
+from .types import Count, Interval, Number, OutputDir, Seeds
 
 
 def _choice(registry):
@@ -33,7 +33,8 @@ def _choice(registry):
 @click.option("--batch", "max_batch_size", type=Count(min=1), default=64, metavar="INT",
               help="Maximum batch size")
 @click.option("--preset", default="edm", metavar="NAME|PATH",
-              help="Sampling defaults: a built-in preset (see 'edm presets') or a preset .toml file")
+              help="Sampling defaults: a built-in preset (see 'edm presets'), or a preset file: a path ending in .toml "
+                   "or holding a '/' (a built-in name never means a file)")
 @click.option("--steps", "num_steps", type=Count(min=2, max=MAX_STEPS), default=None, metavar="INT",
               help=f"Number of sampling steps, at most {MAX_STEPS:,}  [default: the preset's, 18 for edm]")
 @click.option("--sigma_min", type=Number(min=0, min_open=True), default=None, metavar="FLOAT",
@@ -105,8 +106,8 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
     for flag, value in (("--model-flags", model_flags), ("--model-config", model_config)):
         if value is not None and network_path is None:
             raise click.UsageError(f"{flag} describes a --network file; give --network PATH or drop {flag}")
-    interval = guidance_interval
-    _check_guidance_options(guidance, guide_network, classifier_path, classifier_scale, classifier_flags, interval)
+    _check_guidance_options(guidance, guide_network, classifier_path, classifier_scale, classifier_flags,
+                            guidance_interval)
     device = _resolve_device(device)
     sampler = _sampler_from_options(preset, options, solver_opts)
     output_plan(outdir, seeds, subdirs, extra=["grid.png"] if grid else [])  # nothing in the way, before any work
@@ -118,7 +119,8 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
                             config=model_config, use_ema=weights == "ema")
         net = optimize(net, InferenceOptions(precision, channels_last, compile_net))
         net, sampler = _with_guidance(net, sampler, device, guidance, guide_network, classifier_path,
-                                      1.0 if classifier_scale is None else classifier_scale, classifier_flags, interval)
+                                      1.0 if classifier_scale is None else classifier_scale, classifier_flags,
+                                      guidance_interval)
         check_class(net, class_idx)
         plan = sampler.plan(net, device)  # fail now on an impossible combination, not after loading every rank
         if group.rank == 0:
