@@ -19,44 +19,22 @@ MAX_SEED = 2**32 - 1  # EDM seeds each image's generator with seed % 2**32: larg
 MAX_SEEDS = 1_000_000  # seeds in one run (a list of them costs ~40 bytes each); FID needs 50,000
 
 
-class Number(click.ParamType):
-    """A float in a range; NaN never, +-inf only with ``allow_inf``. Written like click.FloatRange."""
-
-    name = "float"
+class Number(click.FloatRange):
+    """A float in a range (click.FloatRange, whose messages and help name the range), never NaN, and +-inf only
+    with ``allow_inf``."""
 
     def __init__(self, min: float | None = None, max: float | None = None, *, min_open: bool = False,
                  max_open: bool = False, allow_inf: bool = False):
-        self.min, self.max, self.min_open, self.max_open, self.allow_inf = min, max, min_open, max_open, allow_inf
+        super().__init__(min=min, max=max, min_open=min_open, max_open=max_open)
+        self.allow_inf = allow_inf
 
     def convert(self, value, param, ctx):
-        if isinstance(value, bool):
+        if isinstance(value, str) and len(value) > 100:  # no number needs more; keeps the message short
             self.fail(f"{show(value)} is not a number", param, ctx)
-        if isinstance(value, (int, float)):
-            number = float(value)
-        else:
-            try:
-                number = float(str(value).strip())
-            except ValueError:
-                self.fail(f"{show(value)} is not a number", param, ctx)
+        number = super().convert(value, param, ctx)
         if math.isnan(number) or (math.isinf(number) and not self.allow_inf):
             self.fail(f"{show(value)} is not a finite number", param, ctx)
-        below = self.min is not None and (number <= self.min if self.min_open else number < self.min)
-        above = self.max is not None and (number >= self.max if self.max_open else number > self.max)
-        if below or above:
-            self.fail(f"{number:g} is not in the range {self._range()}", param, ctx)
         return number
-
-    def _range(self) -> str:
-        parts = []
-        if self.min is not None:
-            parts.append(f"{self.min:g}{'<' if self.min_open else '<='}")
-        parts.append("x")
-        if self.max is not None:
-            parts.append(f"{'<' if self.max_open else '<='}{self.max:g}")
-        return "".join(parts)
-
-    def __repr__(self):
-        return f"Number({self._range()})"
 
 
 def Count(min: int = 0, max: int | None = None) -> click.IntRange:
