@@ -101,28 +101,59 @@ class Progress:
             self.stream.flush()
 
 
-def output_plan(outdir: str | Path, seeds: Sequence[int], subdirs: bool = False, extra: Sequence[str] = ()) -> dict[int, Path]:
-    """The PNG path of every seed, after checking that nothing is in the way: ``outdir`` and the subdirectories are
-    directories where they exist, and no output name (nor one of ``extra``, e.g. grid.png) is a directory or
-    another non-file. Reads each existing directory once; creates nothing."""
-    paths = {seed: image_path(outdir, seed, subdirs) for seed in dict.fromkeys(seeds)}
-    wanted: dict[Path, set[str]] = {}
-    for path in paths.values():
-        wanted.setdefault(path.parent, set()).add(path.name)
-    wanted.setdefault(Path(outdir), set()).update(extra)
-    for directory, names in wanted.items():
+def _output_entries(outdir: str | Path, seeds: Sequence[int], subdirs: bool):
+    """(seed or None, directory entry) for the entries of the existing output directories that are the PNG of one
+    of ``seeds`` (seed given) or anything else (None). Reads each directory once and holds no path per seed, so a
+    million seeds cost a set of integers. A file where an output directory must be is an error."""
+    wanted = set(seeds)
+    directories = {Path(outdir)}
+    if subdirs:
+        directories |= {image_path(outdir, group, True).parent for group in {s - s % 1000 for s in wanted}}
+    for directory in directories:
         try:
             entries = os.scandir(directory)
         except FileNotFoundError:
             continue
         except NotADirectoryError:
-            raise EDMToolkitError(f"{str(directory)!r} is a file in the way of an output directory; move or remove it") from None
+            raise EDMToolkitError(f"{str(directory)!r} is a file in the way of an output directory; move or "
+                                  "remove it") from None
         with entries:
             for entry in entries:
-                if entry.name in names and not entry.is_file():
-                    kind = "directory" if entry.is_dir() else "non-file"
-                    raise EDMToolkitError(f"{entry.path!r} is a {kind} in the way of an output image; move or remove it")
-    return paths
+                seed = _seed_of(entry.name)
+                mine = seed is not None and seed in wanted and image_path(outdir, seed, subdirs).parent == directory
+                yield (seed if mine else None), entry
+
+
+def _seed_of(name: str) -> int | None:
+    """The seed whose PNG is called ``name`` ({seed:06d}.png), or None."""
+    stem = name[:-4] if name.endswith(".png") else ""
+    if len(stem) < 6 or not stem.isascii() or not stem.isdigit() or f"{int(stem):06d}" != stem:
+        return None
+    return int(stem)
+
+
+def check_outputs(outdir: str | Path, seeds: Sequence[int], subdirs: bool = False, extra: Sequence[str] = ()) -> None:
+    """Checks, creating nothing, that nothing is in the way of the outputs: ``outdir`` and the subdirectories are
+    directories where they exist, and no seed's PNG name (nor one of ``extra`` in outdir, e.g. grid.png) is a
+    directory or another non-file."""
+    outdir = Path(outdir)
+    for seed, entry in _output_entries(outdir, seeds, subdirs):
+        named = seed is not None or (entry.name in extra and Path(entry.path).parent == outdir)
+        if named and not entry.is_file():
+            kind = "directory" if entry.is_dir() else "non-file"
+            raise EDMToolkitError(f"{entry.path!r} is a {kind} in the way of an output image; move or remove it")
+
+
+def existing_seeds(outdir: str | Path, seeds: Sequence[int], subdirs: bool = False) -> set[int]:
+    """The seeds whose PNG exists as a non-empty regular file (this toolkit writes atomically: a whole PNG)."""
+    done = set()
+    for seed, entry in _output_entries(outdir, seeds, subdirs):
+        try:
+            if seed is not None and entry.is_file(follow_symlinks=False) and entry.stat().st_size > 0:
+                done.add(seed)
+        except OSError:
+            pass
+    return done
 
 
 def generate_images(
@@ -139,11 +170,12 @@ def generate_images(
     """
     check_class(net, class_idx)
     device = torch.device(device)
-    paths = output_plan(outdir, seeds, subdirs)
-    for directory in {Path(outdir), *(p.parent for p in paths.values())}:
+    check_outputs(outdir, seeds, subdirs)
+    for directory in {Path(outdir), *(image_path(outdir, s - s % 1000, subdirs).parent for s in set(seeds))}:
         remove_stale_temp_files(directory)
     if skip_existing:
-        pending = [s for s in seeds if not _complete(paths[s])]
+        done = existing_seeds(outdir, seeds, subdirs)
+        pending = [s for s in seeds if s not in done]
         group.barrier()  # every rank lists the files before any rank writes one, so all split the same seeds
         if progress and group.rank == 0 and len(pending) < len(seeds):
             print(f"Skipping {len(seeds) - len(pending)} seeds whose PNG exists", file=sys.stderr, flush=True)
@@ -159,8 +191,9 @@ def generate_images(
             images = sample_batch(net, sampler, batch_seeds, device, class_idx, callback=meter.step, plan=plan)
             check_finite(images, batch_seeds)
             for seed, image in zip(batch_seeds, to_uint8(images)):
-                save_png(image, paths[seed])
-                written.append(paths[seed])
+                path = image_path(outdir, seed, subdirs)
+                save_png(image, path)
+                written.append(path)
             meter.batch_done(len(batch_seeds))
     finally:
         meter.close()
@@ -174,14 +207,6 @@ def check_finite(images: torch.Tensor, seeds: Sequence[int]) -> None:
         seed = seeds[int((~finite).nonzero()[0])]
         raise EDMToolkitError(f"the image of seed {seed} is not finite (NaN or inf), so nothing of its batch was "
                               "written: the network's output or the noise range (--sigma_max, --sigma_min) is broken")
-
-
-def _complete(path: Path) -> bool:
-    """An existing, non-empty regular file (this toolkit writes atomically, so it is a whole PNG)."""
-    try:
-        return path.is_file() and path.stat().st_size > 0
-    except OSError:
-        return False
 
 
 def write_grid(seeds: Sequence[int], outdir: str | Path, subdirs: bool = False, name: str = "grid.png") -> Path:

@@ -233,6 +233,7 @@ def test_non_finite_options_are_refused(tmp_path, args, message):
     ("out/000001.png/", [], "out/000001.png' is a directory in the way of an output image"),
     ("out/grid.png/", ["--grid"], "out/grid.png' is a directory in the way of an output image"),
     ("out/000000", ["--subdirs"], "out/000000' is a file in the way of an output directory"),
+    ("out/000000/000002.png/", ["--subdirs"], "out/000000/000002.png' is a directory in the way of an output image"),
     ("out", [], "is a file"),
 ])
 def test_something_in_the_way_is_named_before_any_work(tmp_path, layout, args, message):
@@ -256,3 +257,18 @@ def test_empty_outdir_and_solver_name_option_are_refused(tmp_path, monkeypatch):
     result = run("generate", "--outdir", "out", "--solver-opt", "classifier_scale=2", "--solver", "ddim", *FAST)
     assert "set the classifier guidance scale with --classifier-scale" in one_error_line(result)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_skip_existing_with_subdirs_reads_each_directory(tmp_path, one_thread):
+    """Seeds 999 and 1000 live in two subdirectories; a look-alike name (0000999.png) is no seed's PNG."""
+    from edm_toolkit.generate import existing_seeds
+
+    out = tmp_path / "out"
+    assert run("generate", "--outdir", out, "--seeds", "998-1000", "--subdirs", *FAST).exit_code == 0
+    (out / "000000" / "000998.png").unlink()
+    (out / "000000" / "0000998.png").write_bytes(b"not seed 998")
+    (out / "000999.png").write_bytes(b"seed 999, but not where --subdirs puts it")
+    assert existing_seeds(out, [998, 999, 1000], subdirs=True) == {999, 1000}
+    result = run("generate", "--outdir", out, "--seeds", "998-1000", "--subdirs", "--skip-existing", *FAST)
+    assert result.exit_code == 0 and "Skipping 2 seeds" in result.stderr, result.stderr
+    assert (out / "000000" / "000998.png").stat().st_size > 0

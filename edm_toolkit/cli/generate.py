@@ -98,7 +98,7 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
     import torch
 
     from ..distributed import init_from_env, shutdown
-    from ..generate import check_class, generate_images, output_plan, write_grid
+    from ..generate import check_class, check_outputs, generate_images, write_grid
     from ..inference import InferenceOptions, optimize
 
     if not seeds:
@@ -110,7 +110,7 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
                             guidance_interval)
     device = _resolve_device(device)
     sampler = _sampler_from_options(preset, options, solver_opts)
-    output_plan(outdir, seeds, subdirs, extra=["grid.png"] if grid else [])  # nothing in the way, before any work
+    check_outputs(outdir, seeds, subdirs, extra=["grid.png"] if grid else [])  # nothing in the way, before any work
     group = init_from_env(device.type)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", group.local_rank)
