@@ -15,16 +15,26 @@ from typing import ClassVar
 import torch
 
 from .errors import ConfigError
-from .registry import Registry
+from .registry import Registry, show
 from .schedules import VPSchedule
 
 DISCRETIZATIONS: Registry["Discretization"] = Registry("discretization")
 
+# The most sampling steps (and table entries) anything takes: 25 times the 4000 steps of the longest published
+# discrete models (iDDPM), far below what exhausts memory; bounds are checked before any work.
+MAX_STEPS = 100_000
+
+
+def check_num_steps(num_steps, what: str = "num_steps") -> int:
+    """``num_steps`` if it is an integer in [2, MAX_STEPS], else a ConfigError."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 2 <= num_steps <= MAX_STEPS:
+        raise ConfigError(f"{what} must be an integer >= 2 and at most {MAX_STEPS}, got {show(num_steps)}")
+    return num_steps
+
 
 def _fractions(num_steps: int) -> torch.Tensor:
     """i/(N-1) for i = 0..N-1, float64."""
-    if num_steps < 2:
-        raise ConfigError(f"num_steps must be at least 2, got {num_steps}")
+    check_num_steps(num_steps)
     return torch.arange(num_steps, dtype=torch.float64) / (num_steps - 1)
 
 
@@ -50,8 +60,8 @@ class EDMDiscretization(Discretization):
     rho: float = 7.0
 
     def __post_init__(self):
-        if not self.rho > 0:
-            raise ConfigError(f"edm discretization rho must be > 0, got {self.rho}")
+        if not (self.rho > 0 and math.isfinite(self.rho)):
+            raise ConfigError(f"edm discretization rho must be > 0 and finite, got {self.rho}")
 
     @property
     def default_sigma_range(self):
@@ -77,6 +87,9 @@ class VPDiscretization(Discretization):
     beta_min: float = 0.1
 
     def __post_init__(self):
+        for key in ("epsilon_s", "beta_d", "beta_min"):
+            if not math.isfinite(getattr(self, key)):
+                raise ConfigError(f"vp discretization {key} must be a finite number, got {getattr(self, key)}")
         VPSchedule(self.beta_d, self.beta_min, self.epsilon_s)  # validates the values
 
     @property
@@ -114,7 +127,8 @@ def iddpm_sigma_table(C_1: float = 0.001, C_2: float = 0.008, M: int = 1000, dty
     ~5e-4 relative from the exact cosine table; the recurrence itself runs in ``dtype`` (float32 reproduces
     EDM's iDDPMPrecond buffer, float64 its ablation sampler).
     """
-    return _iddpm_sigma_table(float(C_1), float(C_2), int(M), dtype).clone()
+    check_num_steps(M, "iddpm M")  # a recurrence of M Python steps: bounded before any work
+    return _iddpm_sigma_table(float(C_1), float(C_2), M, dtype).clone()
 
 
 @functools.lru_cache(maxsize=8)
@@ -139,12 +153,11 @@ class IDDPMDiscretization(Discretization):
     M: int = 1000
 
     def __post_init__(self):
-        if self.M < 2:
-            raise ConfigError(f"iddpm discretization M must be at least 2, got {self.M}")
+        check_num_steps(self.M, "iddpm discretization M")
         if not 0 < self.C_1 <= 1:
             raise ConfigError(f"iddpm discretization C_1 must lie in (0, 1], got {self.C_1}")
-        if not self.C_2 >= 0:
-            raise ConfigError(f"iddpm discretization C_2 must be >= 0, got {self.C_2}")
+        if not (self.C_2 >= 0 and math.isfinite(self.C_2)):
+            raise ConfigError(f"iddpm discretization C_2 must be >= 0 and finite, got {self.C_2}")
 
     @property
     def default_sigma_range(self):

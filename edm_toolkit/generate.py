@@ -6,6 +6,7 @@ only on its seed, not on the batch it was drawn in or on the process that drew i
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from PIL import Image
 from .distributed import ProcessGroup, rank_batches
 from .errors import EDMToolkitError
 from .images import image_path, make_grid, save_png, to_uint8
+from .outputs import remove_stale_temp_files
 from .rng import SeedGenerators
 from .sampling import Sampler, StepInfo
 
@@ -99,14 +101,85 @@ class Progress:
             self.stream.flush()
 
 
+def _output_entries(outdir: str | Path, seeds: Sequence[int], subdirs: bool):
+    """(seed or None, directory entry) for the entries of the existing output directories that are the PNG of one
+    of ``seeds`` (seed given) or anything else (None). Reads each directory once and holds no path per seed, so a
+    million seeds cost a set of integers. A file where an output directory must be is an error."""
+    wanted = set(seeds)
+    directories = {Path(outdir)}
+    if subdirs:
+        directories |= {image_path(outdir, group, True).parent for group in {s - s % 1000 for s in wanted}}
+    for directory in directories:
+        try:
+            entries = os.scandir(directory)
+        except FileNotFoundError:
+            continue
+        except NotADirectoryError:
+            raise EDMToolkitError(f"{str(directory)!r} is a file in the way of an output directory; move or "
+                                  "remove it") from None
+        with entries:
+            for entry in entries:
+                seed = _seed_of(entry.name)
+                mine = seed is not None and seed in wanted and image_path(outdir, seed, subdirs).parent == directory
+                yield (seed if mine else None), entry
+
+
+def _seed_of(name: str) -> int | None:
+    """The seed whose PNG is called ``name`` ({seed:06d}.png), or None."""
+    stem = name[:-4] if name.endswith(".png") else ""
+    if len(stem) < 6 or not stem.isascii() or not stem.isdigit() or f"{int(stem):06d}" != stem:
+        return None
+    return int(stem)
+
+
+def check_outputs(outdir: str | Path, seeds: Sequence[int], subdirs: bool = False, extra: Sequence[str] = ()) -> None:
+    """Checks, creating nothing, that nothing is in the way of the outputs: ``outdir`` and the subdirectories are
+    directories where they exist, and no seed's PNG name (nor one of ``extra`` in outdir, e.g. grid.png) is a
+    directory or another non-file."""
+    outdir = Path(outdir)
+    for seed, entry in _output_entries(outdir, seeds, subdirs):
+        named = seed is not None or (entry.name in extra and Path(entry.path).parent == outdir)
+        if named and not entry.is_file():
+            kind = "directory" if entry.is_dir() else "non-file"
+            raise EDMToolkitError(f"{entry.path!r} is a {kind} in the way of an output image; move or remove it")
+
+
+def existing_seeds(outdir: str | Path, seeds: Sequence[int], subdirs: bool = False) -> set[int]:
+    """The seeds whose PNG exists as a non-empty regular file (this toolkit writes atomically: a whole PNG)."""
+    done = set()
+    for seed, entry in _output_entries(outdir, seeds, subdirs):
+        try:
+            if seed is not None and entry.is_file(follow_symlinks=False) and entry.stat().st_size > 0:
+                done.add(seed)
+        except OSError:
+            pass
+    return done
+
+
 def generate_images(
     net, sampler: Sampler, seeds: Sequence[int], outdir: str | Path, *, max_batch_size: int = 64,
     class_idx: int | None = None, subdirs: bool = False, device="cpu", group: ProcessGroup = ProcessGroup(),
-    progress: bool = True, plan=None,
+    progress: bool = True, plan=None, skip_existing: bool = False,
 ) -> list[Path]:
-    """Writes one PNG per seed (this process's share of the seeds); returns the paths it wrote."""
+    """Writes one PNG per seed (this process's share of the seeds); returns the paths it wrote.
+
+    Temporary files that killed runs left in the output directories are removed first. With ``skip_existing``,
+    seeds whose PNG already exists are left out (an image depends only on its seed, so a resumed run writes the
+    same files an uninterrupted one would). A seed whose image is not finite (NaN or inf: a broken network or an
+    extreme noise range) stops the run with an error naming it, before its batch is written.
+    """
     check_class(net, class_idx)
     device = torch.device(device)
+    check_outputs(outdir, seeds, subdirs)
+    for directory in {Path(outdir), *(image_path(outdir, s - s % 1000, subdirs).parent for s in set(seeds))}:
+        remove_stale_temp_files(directory)
+    if skip_existing:
+        done = existing_seeds(outdir, seeds, subdirs)
+        pending = [s for s in seeds if s not in done]
+        group.barrier()  # every rank lists the files before any rank writes one, so all split the same seeds
+        if progress and group.rank == 0 and len(pending) < len(seeds):
+            print(f"Skipping {len(seeds) - len(pending)} seeds whose PNG exists", file=sys.stderr, flush=True)
+        seeds = pending
     batches = rank_batches(list(seeds), max_batch_size, group)
     plan = plan if plan is not None else sampler.plan(net, device)
     meter = Progress(sum(len(b) for b in batches), plan.nfe, enabled=progress and group.rank == 0)
@@ -116,6 +189,7 @@ def generate_images(
             if not batch_seeds:
                 continue
             images = sample_batch(net, sampler, batch_seeds, device, class_idx, callback=meter.step, plan=plan)
+            check_finite(images, batch_seeds)
             for seed, image in zip(batch_seeds, to_uint8(images)):
                 path = image_path(outdir, seed, subdirs)
                 save_png(image, path)
@@ -124,6 +198,15 @@ def generate_images(
     finally:
         meter.close()
     return written
+
+
+def check_finite(images: torch.Tensor, seeds: Sequence[int]) -> None:
+    """Raises naming the first seed whose image holds NaN or inf (which EDM's uint8 conversion writes as black)."""
+    finite = torch.isfinite(images).flatten(1).all(1)
+    if not bool(finite.all()):
+        seed = seeds[int((~finite).nonzero()[0])]
+        raise EDMToolkitError(f"the image of seed {seed} is not finite (NaN or inf), so nothing of its batch was "
+                              "written: the network's output or the noise range (--sigma_max, --sigma_min) is broken")
 
 
 def write_grid(seeds: Sequence[int], outdir: str | Path, subdirs: bool = False, name: str = "grid.png") -> Path:

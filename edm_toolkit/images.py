@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .outputs import write_atomically
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -19,19 +19,11 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def save_png(image: np.ndarray, path: str | Path) -> None:
-    """Writes one HWC uint8 image ('L' for one channel, else 'RGB') atomically: a reader or an interrupted run
-    never sees a truncated file, because the PNG is written to a temporary file that is then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Writes one HWC uint8 image ('L' for one channel, else 'RGB') atomically, with the permissions the umask
+    gives (:func:`edm_toolkit.outputs.write_atomically`): a reader or an interrupted run never sees a truncated
+    file."""
     picture = Image.fromarray(image[:, :, 0], "L") if image.shape[2] == 1 else Image.fromarray(image, "RGB")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            picture.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda f: picture.save(f, format="PNG"))
 
 
 def image_path(outdir: str | Path, seed: int, subdirs: bool = False) -> Path:

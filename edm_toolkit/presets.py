@@ -3,6 +3,9 @@
 A preset has three sections: ``sampling`` (a Sampler: solver, discretization, schedule, scaling, steps, noise
 range, churn), ``preconditioning`` (a preconditioner name and parameters) and ``training`` (a loss). Built-in
 presets live in ``presets/*.toml`` and ship inside the package; any TOML file of the same form loads by path.
+A built-in name always means the built-in preset; a value is a path only when it ends in ``.toml`` or contains a
+path separator, so a file or folder named ``edm`` in the current directory changes nothing. Preset text is read
+through :func:`read_toml`, which bounds its size and nesting and turns every parser failure into a ConfigError.
 Mix and match with ``replace``: ``load_preset("vp").replace(sampling=load_preset("edm").sampling)`` is the EDM
 sampler over a VP-trained network.
 """
@@ -11,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import stat
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -19,13 +24,16 @@ from typing import Any, Mapping
 from .errors import ConfigError
 from .losses import LOSSES, DenoisingLoss
 from .precond import PRECONDITIONERS, build_precond
-from .registry import build_dataclass
+from .registry import MAX_INT, build_dataclass, show
 from .sampling import Churn, Sampler
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
+
+MAX_TOML_BYTES = 1 << 20  # a preset is a few hundred bytes; a megabyte is a mistake or an attack
+MAX_TOML_DEPTH = 16  # a preset nests tables and lists four deep at most
 
 _SECTIONS = ("name", "description", "sampling", "preconditioning", "training")
 _SAMPLER_FIELDS = tuple(f.name for f in dataclasses.fields(Sampler))
@@ -40,7 +48,14 @@ class PrecondConfig:
     params: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        build_precond({"name": self.name, **self.params})  # validates name and parameters now, not at use
+        for key, value in self.params.items():
+            _check_precond_value(self.name, key, value)
+        try:
+            build_precond({"name": self.name, **self.params})  # validates name and parameters now, not at use
+        except (TypeError, ValueError, OverflowError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"bad option for preconditioner {self.name!r}: {exc}") from None
 
     def build(self, model=None, **geometry):
         return build_precond({"name": self.name, **self.params}, model, **geometry)
@@ -93,6 +108,23 @@ class Preset:
 
     def to_toml(self) -> str:
         return dump_toml(self.to_dict())
+
+
+class TOMLSyntaxError(ConfigError):
+    """Text that is not TOML at all (as opposed to TOML too large, too deep or not UTF-8)."""
+
+
+def _check_precond_value(name: str, key: str, value) -> None:
+    """A preconditioner parameter from plain data: a bool, or a number that is not NaN, an integer of sane size,
+    and finite except for a sigma_max (EDM's default network range is [0, inf])."""
+    if isinstance(value, bool):
+        return
+    if not isinstance(value, (int, float)):
+        raise ConfigError(f"preconditioner {name!r} option {key!r} must be a number, got {show(value)}")
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        raise ConfigError(f"preconditioner {name!r} option {key!r} is out of range: {show(value)}")
+    if math.isnan(value) or (math.isinf(value) and key != "sigma_max"):
+        raise ConfigError(f"preconditioner {name!r} option {key!r} must be a finite number, got {value}")
 
 
 def _component_dict(component) -> dict[str, Any]:
@@ -154,24 +186,92 @@ def builtin_presets() -> list[str]:
                   if p.name.endswith(".toml"))
 
 
+def is_preset_path(value: str | Path) -> bool:
+    """Whether a --preset value names a file: a Path, or text ending in .toml or holding a path separator.
+    Anything else is a built-in name, whatever the current directory holds."""
+    if isinstance(value, Path):
+        return True
+    text = str(value)
+    return text.endswith(".toml") or os.sep in text or "/" in text or bool(os.altsep and os.altsep in text)
+
+
 def load_preset(name_or_path: str | Path) -> Preset:
-    """Loads a built-in preset by name ("edm", "vp", "ve", "iddpm") or any preset file by path."""
-    path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"preset file {str(path)!r} not found")
-        text, source = path.read_text(), str(path)
-    else:
-        names = builtin_presets()
-        if str(name_or_path) not in names:
-            raise ConfigError(f"unknown preset {str(name_or_path)!r}; built-in presets: {', '.join(names)} (or a path to a .toml file)")
-        text = resources.files("edm_toolkit.preset_data").joinpath(f"{name_or_path}.toml").read_text()
-        source = f"preset {name_or_path!r}"
+    """Loads a built-in preset by name ("edm", "vp", "ve", "iddpm") or a preset file by path (a ``Path``, or text
+    ending in ``.toml`` or holding a path separator, e.g. ``./mine.toml``)."""
+    if is_preset_path(name_or_path):
+        path = Path(name_or_path)
+        source = f"preset file {show(str(path), 1000)}"
+        return preset_from_dict(read_toml(_read_preset_file(path, source), source), source)
+    names = builtin_presets()
+    if name_or_path not in names:
+        raise ConfigError(f"unknown preset {show(name_or_path)}; built-in presets: {', '.join(names)} (or a preset "
+                          "file: a path ending in .toml)")
+    source = f"preset {name_or_path!r}"
+    text = resources.files("edm_toolkit.preset_data").joinpath(f"{name_or_path}.toml").read_bytes()
+    return preset_from_dict(read_toml(text, source), source)
+
+
+def _read_preset_file(path: Path, source: str) -> bytes:
+    """The bytes of a regular file of at most MAX_TOML_BYTES (a FIFO or device would block or never end)."""
     try:
-        data = tomllib.loads(text)
+        info = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{source} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {source}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"{source} is a directory; give a .toml file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{source} is not a regular file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TOML_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {source}: {exc.strerror or exc}") from None
+    if len(data) > MAX_TOML_BYTES:
+        raise ConfigError(f"{source} is larger than {MAX_TOML_BYTES // 1024} KiB; a preset is a short TOML file")
+    return data
+
+
+def read_toml(data: bytes | str, source: str = "TOML") -> dict[str, Any]:
+    """Parses TOML text from a user, bounded: at most MAX_TOML_BYTES of UTF-8, nested at most MAX_TOML_DEPTH deep.
+
+    Every failure is a ConfigError naming ``source``: invalid TOML, text that is not UTF-8, nesting so deep that
+    the parser would run out of stack, integers too long to convert.
+    """
+    if isinstance(data, str):
+        try:
+            data = data.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{source} is not UTF-8 text") from None
+    if len(data) > MAX_TOML_BYTES:
+        raise ConfigError(f"{source} is larger than {MAX_TOML_BYTES // 1024} KiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source} is not UTF-8 text (byte {exc.start})") from None
+    try:
+        parsed = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source} is not valid TOML: {exc}") from None
-    return preset_from_dict(data, source)
+        raise TOMLSyntaxError(f"{source} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source} nests lists or tables deeper than {MAX_TOML_DEPTH} levels") from None
+    except ValueError as exc:  # e.g. an integer beyond Python's limit on digits, a date that does not exist
+        reason = "an integer of thousands of digits" if "digits" in str(exc) else str(exc)
+        raise ConfigError(f"{source} cannot be read: {reason}") from None
+    if _depth(parsed) > MAX_TOML_DEPTH:
+        raise ConfigError(f"{source} nests lists or tables deeper than {MAX_TOML_DEPTH} levels")
+    return parsed
+
+
+def _depth(value, level: int = 0) -> int:
+    if level > MAX_TOML_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level + 1)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level + 1)
+    return level
 
 
 def dump_toml(data: Mapping[str, Any]) -> str:

@@ -18,12 +18,18 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
-from .discretizations import DISCRETIZATIONS, Discretization, EDMDiscretization
+from .discretizations import DISCRETIZATIONS, Discretization, EDMDiscretization, check_num_steps
 from .errors import ConfigError
 from .protocol import check_denoiser
+from .registry import show
 from .schedules import SCALINGS, SCHEDULES, LinearSchedule, NoiseSchedule, NoScaling, Scaling
 from .solvers import SOLVERS, Heun, Solver
 from .solvers.base import ProbabilityFlowODE, StepContext
+
+
+# Network evaluations one sampling call may cost (a fixed-cost solver's count, an adaptive one's minimum): 5 times
+# 100,000 steps of a two-evaluation solver; far beyond any useful run, and checked before any work.
+MAX_EVALUATIONS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -33,12 +39,14 @@ class Churn:
 
     S_churn: float = 0.0
     S_min: float = 0.0
-    S_max: float = math.inf
+    S_max: float = field(default=math.inf, metadata={"allow_inf": True})  # EDM's default: churn at every level
     S_noise: float = 1.0
 
     def __post_init__(self):
-        if not self.S_churn >= 0:
-            raise ConfigError(f"S_churn must be >= 0, got {self.S_churn}")
+        if not (self.S_churn >= 0 and math.isfinite(self.S_churn)):
+            raise ConfigError(f"S_churn must be >= 0 and finite, got {self.S_churn}")
+        if not math.isfinite(self.S_min):
+            raise ConfigError(f"S_min must be a finite number, got {self.S_min}")
         if not 0 <= self.S_min <= self.S_max:
             raise ConfigError(f"need 0 <= S_min <= S_max, got S_min={self.S_min}, S_max={self.S_max}")
         if not (self.S_noise >= 0 and math.isfinite(self.S_noise)):
@@ -117,14 +125,23 @@ class Sampler:
             takers = [n for n in SOLVERS.names() if SOLVERS.get(n).accepts_churn]
             raise ConfigError(f"solver {self.solver.name!r} cannot take stochastic churn; set S_churn to 0 "
                               f"or choose one of: {', '.join(takers)}")
-        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 2:
-            raise ConfigError(f"num_steps must be an integer >= 2, got {self.num_steps!r}")
+        check_num_steps(self.num_steps)
         for name in ("sigma_min", "sigma_max"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ConfigError(f"{name} must be > 0, got {value}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not (value > 0 and math.isfinite(value))):
+                raise ConfigError(f"{name} must be > 0 and finite, got {show(value)}")
         if self.sigma_min is not None and self.sigma_max is not None and not self.sigma_min < self.sigma_max:
             raise ConfigError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
+        if not self.solver.runs_on_model_grid:  # the levels on the unclamped range, before any network is loaded
+            default_min, default_max = self.discretization.default_sigma_range
+            lo = default_min if self.sigma_min is None else self.sigma_min
+            hi = default_max if self.sigma_max is None else self.sigma_max
+            if lo < hi:  # else sigma_range says so, once the network's range is known
+                self._check_levels(self.discretization, lo, hi)
+        if self.nfe > MAX_EVALUATIONS:
+            raise ConfigError(f"solver {self.solver.name!r} with num_steps {self.num_steps} costs {self.nfe:,} network "
+                              f"evaluations per image; at most {MAX_EVALUATIONS:,} are allowed")
 
     def replace(self, **changes) -> "Sampler":
         return dataclasses.replace(self, **changes)
@@ -152,12 +169,28 @@ class Sampler:
         [sigma_min, sigma_max] they were chosen from."""
         if not self.solver.runs_on_model_grid:
             lo, hi = self.sigma_range(net)
-            return self.discretization.sigma_steps(self.num_steps, lo, hi), lo, hi
+            return self._check_levels(self.discretization, lo, hi), lo, hi
         if net.step_grid is None:
             raise ConfigError(f"{type(net).__name__} has no discrete step grid: solver {self.solver.name!r} needs a "
                               "model trained on T steps (guided-/improved-diffusion, iDDPM); use a continuous solver")
         steps = self.solver.model_grid_steps(net.step_grid, self.num_steps)
         return steps, float(steps[-1]), float(steps[0])
+
+    def _check_levels(self, discretization: Discretization, lo: float, hi: float) -> torch.Tensor:
+        """The discretization's levels on [lo, hi], refused unless positive, non-increasing, not all equal, and with
+        a finite sigma^2 (the ODE needs it): an extreme rho or range overflows, underflows or collapses them.
+        (Repeated levels are allowed: EDM's iddpm discretization repeats table entries for large N.)"""
+        try:
+            sigmas = discretization.sigma_steps(self.num_steps, lo, hi)
+        except (OverflowError, ZeroDivisionError):
+            sigmas = None
+        if (sigmas is None or not bool(torch.isfinite(sigmas.square()).all()) or not bool((sigmas > 0).all())
+                or not bool((sigmas[1:] <= sigmas[:-1]).all()) or not sigmas[0] > sigmas[-1]):
+            options = ", rho" if isinstance(discretization, EDMDiscretization) else ""
+            raise ConfigError(f"the {discretization.name} discretization gives no usable noise levels for "
+                              f"{self.num_steps} steps in [{lo:g}, {hi:g}] (they overflow, vanish or repeat); "
+                              f"change num_steps, sigma_min, sigma_max{options}")
+        return sigmas
 
     def plan(self, net, device: torch.device | str = "cpu") -> Plan:
         """Precomputes the time steps, churn and solver coefficients for ``net`` (EDM Algorithm 2, lines 1-6)."""

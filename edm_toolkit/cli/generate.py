@@ -3,90 +3,54 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import click
 
-from ..discretizations import DISCRETIZATIONS
+from ..discretizations import DISCRETIZATIONS, MAX_STEPS
 from ..errors import EDMToolkitError
+from ..registry import show
 from ..schedules import SCALINGS, SCHEDULES
 from ..solvers import SOLVERS
 from ..solvers.base import solver_options
 from .files import source_options
-
-
-def parse_seeds(value) -> list[int]:
-    """EDM's seed syntax: a comma-separated list of non-negative integers and ranges, e.g. 1,2,5-10."""
-    if isinstance(value, list):
-        return value
-    seeds: list[int] = []
-    for part in str(value).split(","):
-        part = part.strip()
-        match = re.fullmatch(r"(\d+)-(\d+)", part)
-        if match:
-            lo, hi = int(match.group(1)), int(match.group(2))
-            if hi < lo:
-                raise click.BadParameter(f"range {part!r} is empty; write it low-high, e.g. 0-63")
-            seeds.extend(range(lo, hi + 1))
-        elif part.isdigit():
-            seeds.append(int(part))
-        else:
-            raise click.BadParameter(f"{part!r} is not a seed; use non-negative integers and ranges, e.g. 1,2,5-10")
-    return seeds
-
-
-class _Seeds(click.ParamType):
-    name = "LIST"
-
-    def convert(self, value, param, ctx):
-        try:
-            return parse_seeds(value)
-        except click.BadParameter as exc:
-            self.fail(exc.message, param, ctx)
+from .common import load_network, resolve_device
+from .types import Count, Interval, Number, OutputDir, Seeds
 
 
 def _choice(registry):
     return click.Choice(registry.names())
 
 
-def _interval(text):
-    if text is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not LO,HI (two numbers)", param_hint="'--guidance-interval'") from None
-    return lo, hi
-
-
 @click.command(context_settings={"show_default": True})
 @click.option("--network", "network_path", metavar="PATH", default=None,
               help="Model file to sample  [default: the built-in model, no download]")
-@click.option("--outdir", required=True, metavar="DIR", type=click.Path(file_okay=False),
+@click.option("--outdir", required=True, metavar="DIR", type=OutputDir(),
               help="Where to save the output images")
-@click.option("--seeds", type=_Seeds(), default="0-63", help="Random seeds (e.g. 1,2,5-10)")
+@click.option("--seeds", type=Seeds(), default="0-63",
+              help="Random seeds (e.g. 1,2,5-10), each in 0..2**32-1, at most 1,000,000")
 @click.option("--subdirs", is_flag=True, help="Create a subdirectory for every 1000 seeds")
-@click.option("--class", "class_idx", type=click.IntRange(min=0), default=None, metavar="INT",
+@click.option("--class", "class_idx", type=Count(min=0), default=None, metavar="INT",
               help="Class label  [default: random]")
-@click.option("--batch", "max_batch_size", type=click.IntRange(min=1), default=64, metavar="INT",
+@click.option("--batch", "max_batch_size", type=Count(min=1), default=64, metavar="INT",
               help="Maximum batch size")
 @click.option("--preset", default="edm", metavar="NAME|PATH",
-              help="Sampling defaults: a built-in preset (see 'edm presets') or a preset .toml file")
-@click.option("--steps", "num_steps", type=click.IntRange(min=2), default=None, metavar="INT",
-              help="Number of sampling steps  [default: the preset's, 18 for edm]")
-@click.option("--sigma_min", type=click.FloatRange(min=0, min_open=True), default=None, metavar="FLOAT",
+              help="Sampling defaults: a built-in preset (see 'edm presets'), or a preset file: a path ending in .toml "
+                   "or holding a '/' (a built-in name never means a file)")
+@click.option("--steps", "num_steps", type=Count(min=2, max=MAX_STEPS), default=None, metavar="INT",
+              help=f"Number of sampling steps, at most {MAX_STEPS:,}  [default: the preset's, 18 for edm]")
+@click.option("--sigma_min", type=Number(min=0, min_open=True), default=None, metavar="FLOAT",
               help="Lowest noise level  [default: varies with --disc]")
-@click.option("--sigma_max", type=click.FloatRange(min=0, min_open=True), default=None, metavar="FLOAT",
+@click.option("--sigma_max", type=Number(min=0, min_open=True), default=None, metavar="FLOAT",
               help="Highest noise level  [default: varies with --disc]")
-@click.option("--rho", type=click.FloatRange(min=0, min_open=True), default=None, metavar="FLOAT",
+@click.option("--rho", type=Number(min=0, min_open=True), default=None, metavar="FLOAT",
               help="Time step exponent of --disc edm  [default: 7]")
-@click.option("--S_churn", "S_churn", type=click.FloatRange(min=0), default=None, metavar="FLOAT",
+@click.option("--S_churn", "S_churn", type=Number(min=0), default=None, metavar="FLOAT",
               help="Stochasticity strength  [default: 0]")
-@click.option("--S_min", "S_min", type=click.FloatRange(min=0), default=None, metavar="FLOAT",
+@click.option("--S_min", "S_min", type=Number(min=0), default=None, metavar="FLOAT",
               help="Stoch. min noise level  [default: 0]")
-@click.option("--S_max", "S_max", type=click.FloatRange(min=0), default=None, metavar="FLOAT",
+@click.option("--S_max", "S_max", type=Number(min=0, allow_inf=True), default=None, metavar="FLOAT",
               help="Stoch. max noise level  [default: inf]")
-@click.option("--S_noise", "S_noise", type=click.FloatRange(min=0), default=None, metavar="FLOAT",
+@click.option("--S_noise", "S_noise", type=Number(min=0), default=None, metavar="FLOAT",
               help="Stoch. noise inflation  [default: 1]")
 @click.option("--solver", type=_choice(SOLVERS), default=None,
               help="Solver (see 'edm solvers'); ddpm/ddim are the original samplers on the model's own grid  "
@@ -97,18 +61,21 @@ def _interval(text):
               help="Time step discretization {t_i}  [default: the preset's]")
 @click.option("--schedule", type=_choice(SCHEDULES), default=None, help="Noise schedule sigma(t)  [default: the preset's]")
 @click.option("--scaling", type=_choice(SCALINGS), default=None, help="Signal scaling s(t)  [default: the preset's]")
-@click.option("--guidance", type=float, default=None, metavar="W",
+@click.option("--guidance", type=Number(), default=None, metavar="W",
               help="Guidance weight w (1 = none): classifier-free for a conditional network, or autoguidance "
                    "with --guide-network")
 @click.option("--guide-network", default=None, metavar="PATH",
               help="A weaker network guiding the main one (autoguidance, EDM2): D_guide + w (D - D_guide)")
 @click.option("--classifier", "classifier_path", default=None, metavar="PATH",
               help="ADM noisy classifier (e.g. 64x64_classifier.pt) for classifier guidance")
-@click.option("--classifier-scale", type=float, default=None, metavar="S", help="Classifier guidance scale  [default: 1]")
+@click.option("--classifier-scale", type=Number(), default=None, metavar="S", help="Classifier guidance scale  [default: 1]")
 @click.option("--classifier-flags", default=None, metavar="FLAGS",
               help="The classifier's flags in the original syntax, where its file name does not tell")
-@click.option("--guidance-interval", default=None, metavar="LO,HI", help="Guide only where LO <= sigma <= HI")
+@click.option("--guidance-interval", type=Interval(), default=None, metavar="LO,HI",
+              help="Guide only where LO <= sigma <= HI (HI may be inf)")
 @click.option("--grid", is_flag=True, help="Also write all images as one PNG grid, DIR/grid.png")
+@click.option("--skip-existing", is_flag=True,
+              help="Leave out seeds whose PNG already exists: continue an interrupted run where it stopped")
 @click.option("--device", default=None, metavar="DEVICE", help="Torch device  [default: cuda if available, else cpu]")
 @source_options
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", help="score_sde checkpoints: EMA or raw weights")
@@ -116,9 +83,9 @@ def _interval(text):
               help="Network precision (autocast); fp32 is the faithful path")
 @click.option("--channels-last", is_flag=True, help="Run the network in channels_last memory format")
 @click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (slow start, faster steps)")
-def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, preset, grid, device, model_flags,
-             model_config, weights, precision, channels_last, compile_net, solver_opts, guidance, guide_network,
-             classifier_path, classifier_scale, classifier_flags, guidance_interval, **options):
+def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, preset, grid, skip_existing, device,
+             model_flags, model_config, weights, precision, channels_last, compile_net, solver_opts, guidance,
+             guide_network, classifier_path, classifier_scale, classifier_flags, guidance_interval, **options):
     """Generate images with any sampler of the design space (EDM's generate.py options).
 
     \b
@@ -126,12 +93,13 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
       edm generate --outdir out --seeds 0-15 --grid            # built-in model, EDM sampler
       edm generate --solver heun --steps 35 --outdir out
       edm generate --preset vp --network model.pt --outdir out --disc edm --schedule linear --scaling none
+      edm generate --outdir out --seeds 0-49999 --skip-existing  # continue an interrupted run
       torchrun --standalone --nproc_per_node=2 -m edm_toolkit generate --outdir out --seeds 0-999
     """
     import torch
 
     from ..distributed import init_from_env, shutdown
-    from ..generate import check_class, generate_images, write_grid
+    from ..generate import check_class, check_outputs, generate_images, write_grid
     from ..inference import InferenceOptions, optimize
 
     if not seeds:
@@ -139,19 +107,21 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
     for flag, value in (("--model-flags", model_flags), ("--model-config", model_config)):
         if value is not None and network_path is None:
             raise click.UsageError(f"{flag} describes a --network file; give --network PATH or drop {flag}")
-    interval = _interval(guidance_interval)
-    _check_guidance_options(guidance, guide_network, classifier_path, classifier_scale, classifier_flags, interval)
-    device = _resolve_device(device)
+    _check_guidance_options(guidance, guide_network, classifier_path, classifier_scale, classifier_flags,
+                            guidance_interval)
+    device = resolve_device(device)
     sampler = _sampler_from_options(preset, options, solver_opts)
+    check_outputs(outdir, seeds, subdirs, extra=["grid.png"] if grid else [])  # nothing in the way, before any work
     group = init_from_env(device.type)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", group.local_rank)
     try:
-        net = _load_network(network_path, device, echo=group.rank == 0, model_flags=model_flags,
+        net = load_network(network_path, device, echo=group.rank == 0, model_flags=model_flags,
                             config=model_config, use_ema=weights == "ema")
         net = optimize(net, InferenceOptions(precision, channels_last, compile_net))
         net, sampler = _with_guidance(net, sampler, device, guidance, guide_network, classifier_path,
-                                      1.0 if classifier_scale is None else classifier_scale, classifier_flags, interval)
+                                      1.0 if classifier_scale is None else classifier_scale, classifier_flags,
+                                      guidance_interval)
         check_class(net, class_idx)
         plan = sampler.plan(net, device)  # fail now on an impossible combination, not after loading every rank
         if group.rank == 0:
@@ -159,7 +129,7 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
             click.echo(f"Generating {len(seeds)} images to {str(outdir)!r} ({_describe(sampler, plan)}, "
                        f"{at_least}{plan.nfe} denoiser calls per image, {device})", err=True)
         generate_images(net, sampler, seeds, outdir, max_batch_size=max_batch_size, class_idx=class_idx,
-                        subdirs=subdirs, device=device, group=group, plan=plan)
+                        subdirs=subdirs, device=device, group=group, plan=plan, skip_existing=skip_existing)
         group.barrier()
         if group.rank == 0:
             if grid:
@@ -221,32 +191,15 @@ def _describe(sampler, plan) -> str:
             f"{sampler.schedule.name}/{sampler.scaling.name}")
 
 
-def _resolve_device(name):
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise click.BadParameter(f"{name!r} is not a torch device; use cpu, cuda or cuda:N", param_hint="'--device'")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA was requested but is not available; use --device cpu", param_hint="'--device'")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise click.BadParameter(f"CUDA device {device.index} does not exist ({torch.cuda.device_count()} visible)",
-                                 param_hint="'--device'")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise click.BadParameter(f"unsupported device type {device.type!r}; use cpu or cuda", param_hint="'--device'")
-    return device
-
-
 def parse_option_value(text: str):
-    """A --solver-opt value as TOML would read it: integer, float, true/false, a [list], else a string."""
-    from ..presets import tomllib
+    """A --solver-opt value as TOML would read it: integer, float, true/false, a [list], else a string.
+
+    Read through the bounded TOML reader: a value too deep, too long or not UTF-8 is an error, not a string."""
+    from ..presets import TOMLSyntaxError, read_toml
 
     try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+        return read_toml(f"v = {text}", "--solver-opt value")["v"]
+    except TOMLSyntaxError:
         return text
 
 
@@ -254,9 +207,16 @@ def _solver_options(pairs) -> dict:
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="'--solver-opt'")
-        options[key.strip()] = parse_option_value(value.strip())
+        key = key.strip()
+        if not sep or not key:
+            raise click.BadParameter(f"{show(pair)} is not KEY=VALUE", param_hint="'--solver-opt'")
+        if key == "name":
+            raise click.BadParameter("the solver is chosen with --solver NAME, not --solver-opt name=...",
+                                     param_hint="'--solver-opt'")
+        if key == "classifier_scale":
+            raise click.BadParameter("set the classifier guidance scale with --classifier-scale S (with --classifier "
+                                     "PATH), not --solver-opt", param_hint="'--solver-opt'")
+        options[key] = parse_option_value(value.strip())
     return options
 
 
@@ -288,25 +248,14 @@ def _sampler_from_options(preset_name, options, solver_opts=()):
         allowed = solver_options(sampler.solver)
         unknown = [k for k in extra if k not in allowed]
         if unknown:
-            raise click.BadParameter(f"{unknown[0]!r} is not an option of solver {sampler.solver.name!r}; its options: "
-                                     f"{', '.join(allowed) or '(none)'}", param_hint="'--solver-opt'")
-        sampler = sampler.replace(solver=SOLVERS.create({"name": sampler.solver.name, **extra}))
+            raise click.BadParameter(f"{show(unknown[0])} is not an option of solver {sampler.solver.name!r}; its "
+                                     f"options: {', '.join(allowed) or '(none)'}", param_hint="'--solver-opt'")
+        # The preset's other options of this solver stay; the given ones go through the registry's validation.
+        current = {k: getattr(sampler.solver, k) for k in allowed}
+        sampler = sampler.replace(solver=SOLVERS.create({"name": sampler.solver.name, **current, **extra}))
     if "rho" in given:
         if sampler.discretization.name != "edm":
             raise EDMToolkitError(f"--rho applies to --disc edm only, but the discretization is "
                                   f"{sampler.discretization.name!r}; drop --rho or add --disc edm")
         sampler = sampler.replace(discretization={"name": "edm", "rho": given["rho"]})
     return sampler
-
-
-def _load_network(path, device, echo=True, **source):
-    from ..default_model import NAME, default_model
-    from ..loading import load_denoiser
-
-    if path is None:
-        if echo:
-            click.echo(f"Using the {NAME}", err=True)
-        return default_model().to(device)
-    if echo:
-        click.echo(f"Loading network from {str(path)!r}...", err=True)
-    return load_denoiser(path, device=device, **source)

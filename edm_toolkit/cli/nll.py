@@ -14,7 +14,7 @@ import click
 
 from ..schedules import SCALINGS, SCHEDULES
 from .files import source_options
-from .generate import _load_network, _resolve_device
+from .common import load_network, resolve_device
 
 @click.command()
 @click.option("--network", "network_path", metavar="PATH", default=None,
@@ -86,8 +86,8 @@ def nll(network_path, data, method, num, batch_size, seed, clip_denoised, out_pa
         raise click.BadParameter(f"{out_path!r} is a folder; give a file name", param_hint="'--out'")
     if network_path is None and (model_flags is not None or model_config is not None):
         raise click.UsageError("--model-flags/--model-config describe a --network file; give --network PATH")
-    device = _resolve_device(device)
-    net = _load_network(network_path, device, model_flags=model_flags, config=model_config,
+    device = resolve_device(device)
+    net = load_network(network_path, device, model_flags=model_flags, config=model_config,
                         use_ema=weights == "ema")
     evaluate = _VLB(net, clip_denoised is not False) if method == "vlb" else _ODE(net, given)
     dataset, count = _open_data(data, net, num)

@@ -9,7 +9,7 @@ import click
 
 from ..losses import LOSSES
 from ..precond import PRECONDITIONERS
-from .generate import parse_seeds
+from .types import parse_seeds
 
 
 def _int_list(value):

@@ -13,8 +13,16 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, EDMToolkitError
+from ..registry import show
 from .base import SOLVERS, ODEPoint, Solver
+
+_MIN_RTOL = 100 * 2.0**-52
+MAX_EVALUATIONS = 10_000_000  # a budget, not a cost: the run stops when it is spent
+
+
+class BudgetExceeded(EDMToolkitError, RuntimeError):
+    """The adaptive solver spent max_evaluations: a user-facing error (one line in the CLI) and a RuntimeError."""
 
 # Dormand & Prince (1980), "A family of embedded Runge-Kutta formulae": nodes c, matrix a, the fifth-order weights
 # (the last row of a, first same as last) and the fourth-order weights of the error estimate.
@@ -70,14 +78,20 @@ class Adaptive(Solver):
             value = getattr(self, key)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"adaptive {key} must be a finite number > 0, got {value}")
+        if not self.rtol >= _MIN_RTOL:  # float64 rounding alone exceeds it: no step would ever be accepted
+            raise ConfigError(f"adaptive rtol must be at least {_MIN_RTOL:.2g} (100 float64 epsilons), got {self.rtol}")
         budget = self.max_evaluations
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 7:
-            raise ConfigError(f"adaptive max_evaluations must be an integer >= 7, got {budget!r}")
+        if isinstance(budget, bool) or not isinstance(budget, int) or not 7 <= budget <= MAX_EVALUATIONS:
+            raise ConfigError(f"adaptive max_evaluations must be an integer >= 7 and at most {MAX_EVALUATIONS:,}, "
+                              f"got {show(budget)}")
 
     def evaluations(self, num_steps):
         return 6 * (num_steps - 1) + 1
 
     def prepare(self, ode, t_hat, t_next, device):
+        if self.evaluations(len(t_hat)) > self.max_evaluations:  # certain to run out: say so before any work
+            raise ConfigError(f"adaptive max_evaluations={self.max_evaluations} is below the {self.evaluations(len(t_hat))}"
+                              f" network evaluations {len(t_hat)} steps need at least; raise it or use fewer steps")
         return [_AdaptiveRecord(p, sigma, s) for p, sigma, s in
                 zip(ode.points(t_hat, device), ode.sigma(t_next).tolist(), ode.s(t_next).tolist())]
 
@@ -98,8 +112,8 @@ class Adaptive(Solver):
             y_new, slope_new, error = self._attempt(y, slope, u, h_try, x_hat.device, ctx)
             state["evaluations"] += 6
             if state["evaluations"] > self.max_evaluations:
-                raise RuntimeError(f"adaptive solver exceeded max_evaluations={self.max_evaluations}; "
-                                   "raise it or the tolerances")
+                raise BudgetExceeded(f"the adaptive solver exceeded max_evaluations={self.max_evaluations}; "
+                                     "raise it or loosen rtol/atol")
             factor = 5.0 if error == 0 else min(5.0, max(0.2, 0.9 * error ** -0.2))
             if error <= 1:
                 u, y, slope = (u_end if h_try == u_end - u else u + h_try), y_new, slope_new

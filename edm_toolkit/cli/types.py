@@ -1,0 +1,122 @@
+"""Option types of the ``edm`` commands: the one bounded path from command-line text to a number.
+
+Every numeric option goes through these types, so the checks hold for every command: a float is finite (infinity
+only where the option says so, e.g. EDM's ``--S_max inf``) and within its range, an integer within its range, a
+seed list within ``MAX_SEEDS`` seeds of 0..2**32 - 1 (counted
+before a list is built). A bad value is a usage error (exit 2) that names the option, before any work.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import click
+
+from ..registry import show
+
+MAX_SEED = 2**32 - 1  # EDM seeds each image's generator with seed % 2**32: larger seeds only repeat these
+MAX_SEEDS = 1_000_000  # seeds in one run (a list of them costs ~40 bytes each); FID needs 50,000
+
+
+class Number(click.FloatRange):
+    """A float in a range (click.FloatRange, whose messages and help name the range), never NaN, and +-inf only
+    with ``allow_inf``."""
+
+    def __init__(self, min: float | None = None, max: float | None = None, *, min_open: bool = False,
+                 max_open: bool = False, allow_inf: bool = False):
+        super().__init__(min=min, max=max, min_open=min_open, max_open=max_open)
+        self.allow_inf = allow_inf
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and len(value) > 100:  # no number needs more; keeps the message short
+            self.fail(f"{show(value)} is not a number", param, ctx)
+        number = super().convert(value, param, ctx)
+        if math.isnan(number) or (math.isinf(number) and not self.allow_inf):
+            self.fail(f"{show(value)} is not a finite number", param, ctx)
+        return number
+
+
+def Count(min: int = 0, max: int | None = None) -> click.IntRange:
+    """An integer in [min, max] (click.IntRange, whose messages name the range). Without a max, any size is read
+    (click refuses the text of an integer beyond Python's 4300 digits), so the option's use must bound it."""
+    return click.IntRange(min=min, max=max)
+
+
+def parse_seeds(value) -> list[int]:
+    """EDM's seed syntax: a comma-separated list of non-negative integers and ranges, e.g. 1,2,5-10.
+
+    Seeds lie in 0..2**32 - 1 and a list holds at most MAX_SEEDS of them; both are checked on the text, before
+    any list is built, so '0-99999999999999' costs nothing.
+    """
+    if isinstance(value, list):
+        return value
+    text = str(value)
+    if len(text) > 20 * MAX_SEEDS:
+        raise click.BadParameter(f"the list is longer than {MAX_SEEDS:,} seeds could be")
+    spans: list[tuple[int, int]] = []
+    count = 0
+    for part in text.split(","):
+        part = part.strip()
+        match = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part)
+        if not match:
+            raise click.BadParameter(f"{show(part)} is not a seed; use non-negative integers and ranges, e.g. 1,2,5-10")
+        lo = _seed(match.group(1))
+        hi = lo if match.group(2) is None else _seed(match.group(2))
+        if hi < lo:
+            raise click.BadParameter(f"range {part!r} is empty; write it low-high, e.g. 0-63")
+        count += hi - lo + 1
+        if count > MAX_SEEDS:
+            raise click.BadParameter(f"more than {MAX_SEEDS:,} seeds; split the run into several")
+        spans.append((lo, hi))
+    return [seed for lo, hi in spans for seed in range(lo, hi + 1)]
+
+
+def _seed(digits: str) -> int:
+    if len(digits) > len(str(MAX_SEED)) or int(digits) > MAX_SEED:
+        raise click.BadParameter(f"seed {show(digits, 24)} is out of range: seeds lie in 0..{MAX_SEED} (EDM seeds "
+                                 "each image's generator with seed % 2**32)")
+    return int(digits)
+
+
+class Seeds(click.ParamType):
+    name = "LIST"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_seeds(value)
+        except click.BadParameter as exc:
+            self.fail(exc.message, param, ctx)
+
+
+class Interval(click.ParamType):
+    """LO,HI: two numbers with 0 <= LO <= HI, HI possibly inf (a noise-level interval)."""
+
+    name = "LO,HI"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).split(",")
+        if len(parts) != 2:
+            self.fail(f"{show(value)} is not LO,HI (two numbers)", param, ctx)
+        try:
+            lo = Number(min=0).convert(parts[0], None, None)
+            hi = Number(min=0, allow_inf=True).convert(parts[1], None, None)
+        except click.BadParameter as exc:
+            self.fail(f"{show(value)} is not LO,HI: {exc.message}", param, ctx)
+        if not lo <= hi:
+            self.fail(f"LO {lo:g} is above HI {hi:g}", param, ctx)
+        return lo, hi
+
+
+class OutputDir(click.Path):
+    """A directory to write into: not empty text, not an existing file."""
+
+    def __init__(self):
+        super().__init__(file_okay=False)
+
+    def convert(self, value, param, ctx):
+        if not str(value).strip():
+            self.fail("the directory name is empty", param, ctx)
+        return super().convert(value, param, ctx)
