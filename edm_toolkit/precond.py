@@ -127,6 +127,10 @@ class VPPrecond(_VariancePreserving):
     def __init__(self, model=None, *, beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5, **kwargs):
         super().__init__(model, **kwargs)
         self.beta_d, self.beta_min, self.M, self.epsilon_t = float(beta_d), float(beta_min), int(M), float(epsilon_t)
+        if not (0 < self.epsilon_t < 1 and 0 < self.beta_d < math.inf and math.isfinite(self.beta_min)
+                and 2 <= self.M <= 100_000):
+            raise ConfigError(f"vp preconditioner needs 0 < epsilon_t < 1, a finite beta_d > 0 and beta_min, and "
+                              f"2 <= M <= 100000; got epsilon_t={epsilon_t}, beta_d={beta_d}, beta_min={beta_min}, M={M}")
         # EDM evaluates the range in float32 from Python floats: sigma(1e-5) is 0.0009765625, not 0.0010000.
         self.sigma_min = float(vp_sigma(torch.tensor(self.epsilon_t), self.beta_d, self.beta_min))
         self.sigma_max = float(vp_sigma(torch.tensor(1.0), self.beta_d, self.beta_min))

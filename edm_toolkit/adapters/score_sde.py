@@ -86,8 +86,14 @@ def _song_sigma_range(sde: str, ve_range: tuple[float, float], beta_min: float |
                       beta_max: float | None = None, epsilon_t: float = VP_EPSILON_T) -> tuple[float, float]:
     """The trained noise levels in Song's units: the VE SDE's [sigma_min, sigma_max], or sigma_vp([epsilon_t, 1])."""
     if sde == "ve":
-        return float(ve_range[0]), float(ve_range[1])
-    low, high = vp_sigma(torch.tensor([epsilon_t, 1.0], dtype=torch.float64), beta_max - beta_min, beta_min).tolist()
+        low, high = float(ve_range[0]), float(ve_range[1])
+    elif not (0 <= beta_min < beta_max < math.inf):
+        raise ConfigError(f"the VP SDE needs 0 <= beta_min < beta_max (finite), got {beta_min} and {beta_max}")
+    else:
+        low, high = vp_sigma(torch.tensor([epsilon_t, 1.0], dtype=torch.float64), beta_max - beta_min, beta_min).tolist()
+    if not (0 < low < high < math.inf):
+        raise ConfigError(f"the {sde.upper()} SDE's noise range [{low:.4g}, {high:.4g}] is not finite, positive and "
+                          "increasing; check beta_min/beta_max (VP) or sigma_min/sigma_max (VE) in the config")
     return low, high
 
 
@@ -115,8 +121,6 @@ class ScoreSDEDenoiser(DenoiserBase):
             raise ConfigError(f"ScoreSDEDenoiser wraps a score_sde NCSNpp, got {type(network).__name__}")
         if sde not in ("vp", "ve"):
             raise ConfigError(f"unknown score_sde SDE {sde!r}; choose 'vp' or 've'")
-        if sde == "vp" and not 0 <= beta_min < beta_max:
-            raise ConfigError(f"VP SDE needs 0 <= beta_min < beta_max, got {beta_min} and {beta_max}")
         if sde == "vp" and not 0 < epsilon_t < 1:
             raise ConfigError(f"VP SDE needs 0 < epsilon_t < 1, got {epsilon_t}")
         cfg = network.config
@@ -501,10 +505,12 @@ def _parse_config_argument(config: Any) -> tuple[str | None, Mapping]:
                                       "or pass a config dict") from None
         try:
             config = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise CheckpointError(f"score_sde config is neither a config name nor valid JSON ({exc})") from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, and integers of more than 4300 digits
+            raise CheckpointError(f"score_sde config is neither a config name nor valid JSON "
+                                  f"({str(exc)[:120]})") from None
     if not isinstance(config, Mapping):
         raise CheckpointError(f"score_sde config must be a config name or a dict, got {type(config).__name__}")
+    check_arguments(dict(config), "score_sde config")
     return None, config
 
 

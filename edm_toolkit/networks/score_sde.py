@@ -461,6 +461,20 @@ class NCSNppConfig:
                 raise ValueError(f"NCSNpp: unsupported {name}={value!r}; supported: {', '.join(allowed)}")
         if self.conv_size != 3:
             raise ValueError(f"NCSNpp: unsupported conv_size={self.conv_size!r}; supported: 3")
+        for name, low, high in (("nf", 1, 4096), ("num_res_blocks", 1, 64), ("image_size", 1, 4096),
+                                ("num_channels", 1, 16), ("num_scales", 1, 100_000)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"NCSNpp: {name}={value!r} must be an integer in [{low}, {high}]")
+        if not 1 <= len(self.ch_mult) <= 16 or not all(isinstance(m, int) and 1 <= m <= 64 for m in self.ch_mult):
+            raise ValueError(f"NCSNpp: ch_mult={self.ch_mult!r} must be 1 to 16 integers in [1, 64]")
+        for name in ("dropout", "init_scale", "fourier_scale", "sigma_min", "sigma_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"NCSNpp: {name}={value!r} must be a finite number")
+        if not 0 <= self.dropout <= 1 or not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"NCSNpp: needs 0 <= dropout <= 1 and 0 < sigma_min < sigma_max, got {self.dropout}, "
+                             f"{self.sigma_min}, {self.sigma_max}")
         if self.embedding_type == "fourier" and not self.continuous:
             raise ValueError("NCSNpp: embedding_type='fourier' requires training.continuous=True")
         upsample_conv = (self.resblock_type == "ddpm" and self.resamp_with_conv) or self.progressive == "residual"

@@ -92,8 +92,9 @@ def make_transform(transform: str | None, resolution: tuple[int, int] | None) ->
 def parse_resolution(text: str) -> tuple[int, int]:
     """'WxH' or 'W,H' (EDM's syntax) -> (W, H)."""
     parts = text.lower().replace(",", "x").split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise EDMToolkitError(f"--resolution {text!r} is not WxH with positive integers, e.g. 32x32")
+    if len(parts) != 2 or not all(p.strip().isdigit() and len(p.strip()) <= 5 and int(p) > 0 for p in parts):
+        raise EDMToolkitError(f"--resolution {text[:40]!r} is not WxH with positive integers of at most 5 digits, "
+                              "e.g. 32x32")
     return int(parts[0]), int(parts[1])
 
 
