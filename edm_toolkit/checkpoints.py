@@ -21,13 +21,24 @@ from torch import nn
 
 from .errors import CheckpointError
 from .formats import (
-    MODEL_TYPES, FileSource, LoadOptions, check_geometry, construct, dtype_summary, layout_mismatch, load_wrapper,
-    model_config, register_format, register_model_type, shapes,
+    MODEL_TYPES,
+    FileSource,
+    LoadOptions,
+    check_geometry,
+    construct,
+    dtype_summary,
+    layout_mismatch,
+    load_wrapper,
+    model_config,
+    register_format,
+    register_model_type,
+    shapes,
 )
 from .ideal import IdealDenoiser
 from .networks.registry import network_config
+from .outputs import write_atomically
 from .precond import Preconditioner, build_precond
-from .tensorfile import write_atomically, write_safetensors
+from .tensorfile import write_safetensors
 
 __all__ = ["FORMAT", "TOOLKIT", "VERSION", "read_model_file", "save_model"]
 

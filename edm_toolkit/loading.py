@@ -27,7 +27,7 @@ from .adapters import edm_pickle, openai, score_sde  # noqa: F401  (each registe
 from .errors import CheckpointError
 from .formats import FORMATS, FileSource, LoadOptions, check_options
 from .formats import identify as _identify
-from .tensorfile import check_output_path
+from .outputs import check_output_path
 
 __all__ = ["FORMATS", "convert_file", "identify", "inspect_file", "load_denoiser", "load_model"]
 

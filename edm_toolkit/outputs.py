@@ -32,19 +32,29 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
-def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+def check_output_path(path: str | Path) -> None:
+    """Refuses to replace something that is not a regular file (a directory, a FIFO, a device node, ...)."""
+    if os.path.lexists(path) and not Path(path).is_file():
+        kind = "a directory" if Path(path).is_dir() else "not a regular file"
+        raise EDMToolkitError(f"{path} exists and is {kind}; refusing to replace it: give the path of a new or "
+                              "regular file")
+
+
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], None], *, sync: bool = False) -> Path:
     """Calls ``write(file)`` on a temporary file next to ``path`` and renames it to ``path`` (replacing a file of
-    that name); on any failure or interrupt the temporary file is removed and ``path`` is untouched."""
+    that name); on any failure or interrupt the temporary file is removed and ``path`` is untouched. With
+    ``sync`` the data reach the disk before the rename (a training state must survive a power loss too)."""
     path = Path(path)
-    if os.path.lexists(path) and not path.is_file():  # a directory, FIFO or device is never replaced
-        kind = "directory" if path.is_dir() else "non-file"
-        raise EDMToolkitError(f"{str(path)!r} is a {kind} in the way of an output file; move or remove it")
+    check_output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

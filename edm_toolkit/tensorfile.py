@@ -13,7 +13,7 @@ the toolkit goes through these checks (docs/security.md):
 * safetensors: a JSON header and one byte buffer, read here without the optional ``safetensors`` package; every
   tensor's byte range must lie in the buffer, fit its dtype and shape, and overlap no other.
 
-Files are written through a temporary file and ``os.replace`` (:func:`write_atomically`), with the mode a plain
+Files are written by :func:`edm_toolkit.outputs.write_atomically` (a temporary file and ``os.replace``), with the mode a plain
 ``open`` gives (0666 less the umask), and never over something that is not a regular file.
 """
 
@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
-import secrets
 import sys
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -252,28 +250,3 @@ def write_safetensors(stream: IO[bytes], tensors: Mapping[str, torch.Tensor], me
 
 # ----------------------------------------------------------------------------------------------------------
 # Writing
-
-
-def check_output_path(path: Path) -> None:
-    """Refuses to replace something that is not a regular file (a device node, a directory, a FIFO, ...)."""
-    if os.path.lexists(path) and not path.is_file():
-        kind = "a directory" if path.is_dir() else "not a regular file"
-        raise CheckpointError(f"{path} exists and is {kind}; refusing to replace it: give the path of a new or "
-                              "regular file")
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Writes ``path`` through a temporary file beside it and ``os.replace``: readers see the old file or the
-    complete new one, never half of it. The file gets the mode a plain ``open`` would give (0666 less the umask)."""
-    path = Path(path)
-    check_output_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            write(stream)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

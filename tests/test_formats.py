@@ -23,7 +23,7 @@ from test_security_files import CraftingPickler, Raw
 from edm_toolkit.adapters import edm_pickle
 from edm_toolkit.checkpoints import FORMAT, save_model
 from edm_toolkit.cli import main
-from edm_toolkit.errors import CheckpointError, CheckpointWarning
+from edm_toolkit.errors import CheckpointError, CheckpointWarning, EDMToolkitError
 from edm_toolkit.formats import FORMATS
 from edm_toolkit.loading import identify, inspect_file, load_denoiser
 from edm_toolkit.tensorfile import read_safetensors, write_safetensors
@@ -174,7 +174,7 @@ def test_convert_refuses_its_input_and_what_is_not_a_regular_file(edm_file, tmp_
     for target, kind in ((tmp_path / "fifo", "not a regular file"), (tmp_path / "directory", "is a directory")):
         code, stderr, _ = cli("convert", edm_file, target)
         assert code in (1, 2) and kind in one_error(stderr)  # 2: click's own check of OUT (dir_okay=False)
-    with pytest.raises(CheckpointError, match="is a directory; refusing to replace it"):
+    with pytest.raises(EDMToolkitError, match="is a directory; refusing to replace it"):
         save_model(load_denoiser(edm_file), tmp_path / "directory")
     assert edm_file.read_bytes() == before and (tmp_path / "fifo").is_fifo()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["directory", "fifo", "hardlink.pkl", edm_file.name])

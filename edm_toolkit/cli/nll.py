@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import click
 
+from ..outputs import write_atomically
 from ..schedules import SCALINGS, SCHEDULES
-from .files import source_options
 from .common import load_network, resolve_device
+from .files import source_options
+
 
 @click.command()
 @click.option("--network", "network_path", metavar="PATH", default=None,
@@ -235,13 +235,4 @@ def _run(evaluate, dataset, count, batch_size, seed, device) -> list[float]:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    """Writes atomically: a temporary file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda f: f.write(json.dumps(payload, indent=1).encode()))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import EDMToolkitError
+from ..outputs import write_atomically
 from .inception import InceptionV3
 from .pipeline import Activations
 from .statistics import FIDStatistics
@@ -221,11 +221,10 @@ def write_sample_batch(path: str | os.PathLike, batches: Iterable[np.ndarray], c
     the function returning them, which is called after the images are written (so that one pass over the images
     can both write and measure them). Written to a temporary file, then renamed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+
+    def write(file) -> None:
+        nonlocal statistics
+        with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
             written, shape = 0, None
             with archive.open("arr_0.npy", "w", force_zip64=True) as stream:
                 for batch in batches:
@@ -254,9 +253,7 @@ def write_sample_batch(path: str | os.PathLike, batches: Iterable[np.ndarray], c
                                                   statistics[1].mu, statistics[1].sigma)):
                     with archive.open(f"{key}.npy", "w", force_zip64=True) as stream:
                         np.lib.format.write_array(stream, np.asarray(value), allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomically(path, write)
     return path
 

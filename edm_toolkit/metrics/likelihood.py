@@ -25,7 +25,14 @@ import torch
 
 from ..discrete import prior_kl, vlb_terms
 from ..errors import ConfigError
-from ..schedules import SCALINGS, SCHEDULES, LinearSchedule, NoiseSchedule, NoScaling, Scaling
+from ..schedules import (
+    SCALINGS,
+    SCHEDULES,
+    LinearSchedule,
+    NoiseSchedule,
+    NoScaling,
+    Scaling,
+)
 from ..solvers.base import ProbabilityFlowODE
 
 __all__ = ["ESTIMATORS", "ODELikelihoodResult", "ProbabilityFlowLikelihood", "VLBResult", "bits_per_dim",

@@ -9,7 +9,6 @@ covariance are EDM's mu = sum f / N and sigma = (sum f f^T - N mu mu^T) / (N - 1
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch.distributed as dist
 
 from ..distributed import ProcessGroup
 from ..errors import EDMToolkitError
+from ..outputs import write_atomically
 
 __all__ = ["FIDStatistics", "FeatureStatistics", "frechet_distance"]
 
@@ -184,13 +184,5 @@ def read_npz(path: str | os.PathLike, keys) -> dict[str, np.ndarray]:
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez of ``arrays`` to ``path`` through a temporary file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """np.savez of ``arrays`` to ``path``, atomically (:func:`edm_toolkit.outputs.write_atomically`)."""
+    write_atomically(path, lambda f: np.savez(f, **arrays))
