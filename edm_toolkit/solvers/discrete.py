@@ -61,18 +61,24 @@ class _GridStep:
     learned: bool  # ddpm with the model's learned variance
 
 
+@dataclass(frozen=True)
 class _GridSolver(Solver):
-    """Shared by ddpm and ddim: the respaced chain, its coefficients, and the original guidance."""
+    """Shared by ddpm and ddim: the respaced chain, its coefficients, and the original guidance.
+
+    ``respacing``: '' (N steps, respaced as the solver's ``default_spacing``), 'ddimN' or section counts
+    '10,15,20'; ``clip_denoised`` clips pred_x0 to [-1, 1]; ``classifier`` and ``classifier_scale`` guide in
+    the original forms (set by ``edm generate --classifier/--classifier-scale``, not by --solver-opt).
+    """
 
     order: ClassVar[int] = 1
     accepts_churn: ClassVar[bool] = False
     runs_on_model_grid: ClassVar[bool] = True
     default_spacing: ClassVar[str]  # how N steps are respaced when no respacing is given: "ddimN" or "N"
 
-    respacing: str
-    clip_denoised: bool
-    classifier: nn.Module | None
-    classifier_scale: float
+    respacing: str = ""
+    clip_denoised: bool = True
+    classifier: nn.Module | None = field(default=None, metadata=NOT_AN_OPTION)
+    classifier_scale: float = field(default=1.0, metadata=NOT_AN_OPTION)
 
     def __post_init__(self):
         if not isinstance(self.respacing, str):
@@ -157,17 +163,12 @@ class DDPM(_GridSolver):
     """DDPM ancestral sampling on the model's own grid (Ho et al. 2020; iDDPM's learned variance).
 
     ``variance``: 'auto' (the model's own choice, as the original's create_gaussian_diffusion made it),
-    'learned', 'small' (beta_tilde) or 'large' (beta). ``respacing``: '' (N even steps, the original's "N"),
-    'ddimN' or section counts '10,15,20'.
+    'learned', 'small' (beta_tilde) or 'large' (beta). ``respacing`` '' takes N even steps (the original's "N").
     """
 
     name: ClassVar[str] = "ddpm"
     default_spacing: ClassVar[str] = "even"
     variance: str = "auto"
-    respacing: str = ""
-    clip_denoised: bool = True
-    classifier: nn.Module | None = field(default=None, metadata=NOT_AN_OPTION)
-    classifier_scale: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -206,16 +207,13 @@ class DDPM(_GridSolver):
 class DDIM(_GridSolver):
     """DDIM on the model's own grid (Song et al. 2021): deterministic at eta 0, ancestral-like at eta 1.
 
-    ``respacing``: '' (the original's "ddimN" striding for N steps), 'ddimN' or section counts '10,15,20'.
+    ``eta`` scales the noise of each step (Song et al. 2021, Eq. 16); ``respacing`` '' takes the original's
+    "ddimN" striding for N steps.
     """
 
     name: ClassVar[str] = "ddim"
     default_spacing: ClassVar[str] = "ddim"
     eta: float = 0.0
-    respacing: str = ""
-    clip_denoised: bool = True
-    classifier: nn.Module | None = field(default=None, metadata=NOT_AN_OPTION)
-    classifier_scale: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
