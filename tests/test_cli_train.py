@@ -155,7 +155,7 @@ def fails_cleanly(result, *fragments):
 
 def test_bad_datasets(tmp_path, data):
     out = tmp_path / "runs"
-    fails_cleanly(short_run(tmp_path / "missing", out), "does not exist")
+    fails_cleanly(short_run(tmp_path / "missing", out), "not found")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("no images here")
     fails_cleanly(short_run(tmp_path / "notes", out), "no image files")

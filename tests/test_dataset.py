@@ -157,7 +157,7 @@ def _expect_error(match, *args, **kwargs):
 
 
 def test_errors_missing_not_a_dataset_empty(tmp_path):
-    _expect_error("does not exist", tmp_path / "nope.zip")
+    _expect_error("not found", tmp_path / "nope.zip")
     (tmp_path / "x.tar").write_bytes(b"abc")
     _expect_error("neither a folder nor a .zip.*edm dataset", tmp_path / "x.tar")
     (tmp_path / "bad.zip").write_bytes(b"not a zip at all")
@@ -188,7 +188,7 @@ def test_errors_corrupt_and_alpha_images(tmp_path):
     write_dataset(folder.mkdir() or folder, _images(2), kind="folder")
     good = (folder / "00000" / "img00000001.png").read_bytes()
     (folder / "00000" / "img00000001.png").write_bytes(good[: len(good) // 2])
-    _expect_error(r"img00000001.png cannot be decoded .*replace or remove", folder)
+    _expect_error(r"img00000001.png: it cannot be decoded .*replace or remove", folder)
     (folder / "00000" / "img00000001.png").write_bytes(b"garbage")
     _expect_error(r"img00000001.png is not an image of a supported format", folder)
     rgba = tmp_path / "a"

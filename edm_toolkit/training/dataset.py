@@ -21,141 +21,45 @@ PPM, TGA): an EPS file, which PIL hands to Ghostscript, is refused.
 from __future__ import annotations
 
 import json
-import os
 import zipfile
-import zlib
-from pathlib import Path
-from typing import IO, Iterator
+from typing import Iterator
 
 import numpy as np
-from PIL import Image
 
 from ..errors import EDMToolkitError
+from ..images import ImageStore, decode_image
 
 LABELS_FILE = "dataset.json"
-
-# Formats decoded in-process by PIL itself; EPS (Ghostscript) and the stub formats are never opened.
-SAFE_IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "DIB", "GIF", "TIFF", "WEBP", "PPM", "TGA")
-
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zlib.error, zipfile.BadZipFile,
-                  Image.DecompressionBombError)
-
-
-def is_image_name(name: str) -> bool:
-    """EDM's rule: a file is an image when its (lower-cased) extension is one PIL registers."""
-    Image.init()
-    return os.path.splitext(name)[1].lower() in Image.EXTENSION
 
 
 def is_power_of_two(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-class ImageStore:
-    """The files of a dataset folder or zip, by their '/'-separated path inside it.
-
-    A zip is opened lazily once per process (the handle is dropped when pickled and reopened after a fork), so
-    one store can be shared by DataLoader worker processes.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise EDMToolkitError(f"dataset {str(self.path)!r} does not exist; give a folder or a .zip made by "
-                                  f"'edm dataset' (or EDM's dataset_tool.py)")
-        self.is_zip = self.path.is_file()
-        self._zip: zipfile.ZipFile | None = None
-        self._zip_pid: int | None = None
-        if self.is_zip:
-            if self.path.suffix.lower() != ".zip":
-                raise EDMToolkitError(f"{str(self.path)!r} is neither a folder nor a .zip; convert it first with "
-                                      f"'edm dataset --source {self.path} --dest DATASET.zip'")
-            names = [n for n in self._zipfile().namelist() if not n.endswith("/")]
-        else:
-            names = [p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()]
-        self.names = frozenset(names)
-
-    def _zipfile(self) -> zipfile.ZipFile:
-        if self._zip is None or self._zip_pid != os.getpid():
-            try:
-                self._zip = zipfile.ZipFile(self.path)
-            except (zipfile.BadZipFile, OSError) as exc:
-                raise EDMToolkitError(f"{str(self.path)!r} is not a readable zip ({exc}); rebuild it with "
-                                      f"'edm dataset'") from None
-            self._zip_pid = os.getpid()
-        return self._zip
-
-    def image_names(self) -> list[str]:
-        """Every image file, sorted by path (EDM's order)."""
-        return sorted(n for n in self.names if is_image_name(n))
-
-    def open(self, name: str) -> IO[bytes]:
-        if self.is_zip:
-            return self._zipfile().open(name, "r")
-        return open(self.path / name, "rb")
-
-    def where(self, name: str) -> str:
-        """How an error names one file of the store."""
-        return f"{self.path}:{name}" if self.is_zip else str(self.path / name)
-
-    def read_labels(self) -> dict[str, object] | None:
-        """``dataset.json``'s labels as {path: label}, or None when there is no file or it says ``null``."""
-        if LABELS_FILE not in self.names:
-            return None
-        where = self.where(LABELS_FILE)
-        try:
-            with self.open(LABELS_FILE) as f:
-                meta = json.load(f)
-        except (ValueError, OSError, zipfile.BadZipFile) as exc:
-            raise EDMToolkitError(f"{where} is not valid JSON ({exc}); rewrite it as {{\"labels\": [[path, label], "
-                                  f"...]}} or delete it") from None
-        if not isinstance(meta, dict) or "labels" not in meta:
-            raise EDMToolkitError(f"{where} has no 'labels' key; write {{\"labels\": [[path, label], ...]}} or "
-                                  f"{{\"labels\": null}}")
-        entries = meta["labels"]
-        if entries is None:
-            return None
-        if not isinstance(entries, list) or not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
-                                                    for e in entries):
-            raise EDMToolkitError(f"{where}: 'labels' must be a list of [path, label] pairs (or null)")
-        labels = {name.replace("\\", "/"): label for name, label in entries}
-        if len(labels) != len(entries):
-            raise EDMToolkitError(f"{where} lists some image twice; keep one label per image")
-        return labels
-
-    def close(self) -> None:
-        if self._zip is not None and self._zip_pid == os.getpid():
-            self._zip.close()
-        self._zip = None
-
-    def __getstate__(self):
-        return dict(self.__dict__, _zip=None, _zip_pid=None)
-
-
-def decode_image(file: IO[bytes], where: str) -> np.ndarray:
-    """One image file -> uint8 HWC (C = 1 or 3). Palette and 1-bit images become RGB and L; images with alpha
-    or of more than 8 bits per channel are refused with the fix, as are files that do not decode."""
-    Image.init()
-    formats = [f for f in SAFE_IMAGE_FORMATS if f in Image.OPEN]  # a Pillow may be built without WebP
+def read_labels(store: ImageStore) -> dict[str, object] | None:
+    """``dataset.json``'s labels as {path: label}, or None when there is no file or it says ``null``."""
+    if LABELS_FILE not in store.names:
+        return None
+    where = store.where(LABELS_FILE)
     try:
-        with Image.open(file, formats=formats) as image:
-            if image.mode == "P":
-                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-            elif image.mode == "1":
-                image = image.convert("L")
-            if image.mode not in ("L", "RGB"):
-                raise EDMToolkitError(f"{where} has mode {image.mode}; datasets hold grayscale (L) or RGB "
-                                      f"images: flatten the alpha channel or convert it to 8-bit RGB first")
-            array = np.asarray(image)
-    except Image.UnidentifiedImageError:
-        raise EDMToolkitError(f"{where} is not an image of a supported format ({', '.join(SAFE_IMAGE_FORMATS)});"
-                              f" convert it to PNG or remove it") from None
-    except EDMToolkitError:
-        raise
-    except _DECODE_ERRORS as exc:
-        raise EDMToolkitError(f"{where} cannot be decoded ({exc}); replace or remove the file "
-                              f"('edm dataset --skip-bad' skips such files)") from None
-    return array[:, :, np.newaxis] if array.ndim == 2 else array
+        with store.open(LABELS_FILE) as f:
+            meta = json.load(f)
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise EDMToolkitError(f"{where} is not valid JSON ({exc}); rewrite it as {{\"labels\": [[path, label], "
+                              f"...]}} or delete it") from None
+    if not isinstance(meta, dict) or "labels" not in meta:
+        raise EDMToolkitError(f"{where} has no 'labels' key; write {{\"labels\": [[path, label], ...]}} or "
+                              f"{{\"labels\": null}}")
+    entries = meta["labels"]
+    if entries is None:
+        return None
+    if not isinstance(entries, list) or not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
+                                                for e in entries):
+        raise EDMToolkitError(f"{where}: 'labels' must be a list of [path, label] pairs (or null)")
+    labels = {name.replace("\\", "/"): label for name, label in entries}
+    if len(labels) != len(entries):
+        raise EDMToolkitError(f"{where} lists some image twice; keep one label per image")
+    return labels
 
 
 def _one_hot_or_vectors(labels: list, where: str) -> np.ndarray:
@@ -314,7 +218,7 @@ class ImageDataset:
         return image
 
     def _load_raw_labels(self) -> np.ndarray | None:
-        labels = self._store.read_labels()
+        labels = read_labels(self._store)
         if labels is None:
             return None
         where = self._store.where(LABELS_FILE)

@@ -20,7 +20,8 @@ from typing import IO, Callable, Iterator, Protocol
 import numpy as np
 
 from ..errors import EDMToolkitError
-from .dataset import ImageStore, decode_image
+from ..images import ImageStore, decode_image
+from .dataset import read_labels
 
 @dataclass(frozen=True)
 class SourceImage:
@@ -58,7 +59,7 @@ class ImageFilesSource:
         self.store = ImageStore(path)
         self.names = self.store.image_names()
         self.class_names: list[str] = []
-        labels = self.store.read_labels() if "dataset.json" in self.store.names else None
+        labels = read_labels(self.store) if "dataset.json" in self.store.names else None
         if labels is not None:
             missing = [n for n in self.names if n not in labels]
             if missing:
