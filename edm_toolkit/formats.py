@@ -228,7 +228,7 @@ def check_kind(file_format: FileFormat, kind: str, source: FileSource, fix: str)
     """Refuses a file whose format is of another kind than the reader wants, naming both and the ``fix``."""
     found = format_kind(file_format)
     if found != kind:
-        raise CheckpointError(f"{source} holds {KINDS[found]} (a {file_format.name} file), not {KINDS[kind]}; {fix}")
+        raise CheckpointError(f"{source} holds {KINDS[found]} ({file_format.name} format), not {KINDS[kind]}; {fix}")
 
 
 def identify(source: FileSource) -> FileFormat:
