@@ -118,8 +118,12 @@ class FileSource:
         return value
 
     def torch_object(self) -> Any:
-        """The weights-only object of a torch zip file (CheckpointError if it cannot be read so)."""
-        if self.torchscript_prefix() is not None:  # torch.load would hand it to torch.jit.load
+        """The weights-only object of a torch zip file (CheckpointError if it cannot be read so). A TorchScript
+        archive is refused, its records checked first so that a crafted one is named as such: torch.load would
+        hand it to torch.jit.load."""
+        if self.torchscript_prefix() is not None:
+            with zipfile.ZipFile(self.path) as archive:  # its directory was read by torchscript_prefix
+                self._check_records(archive)
             raise CheckpointError(f"{self} is a TorchScript archive (code and weights), which the toolkit reads only "
                                   "as an FID detector file, as data, never as code")
         return self._cached("torch", lambda: read_torch(self.path))
@@ -159,14 +163,20 @@ class FileSource:
                     return prefix
         return None
 
+    def _check_records(self, archive: zipfile.ZipFile) -> None:
+        """The zip record checks of :mod:`~edm_toolkit.tensorfile`; a TorchScript archive's ``code/``, which
+        torch.jit.save deflates and no reader opens, left out."""
+        prefix = self.torchscript_prefix()
+        check_zip_records(archive, self.size, str(self), unread=(f"{prefix}code/",) if prefix else ())
+
     def pickle_mentions(self, text: bytes) -> bool:
         """Whether the pickle of a torch zip file (its ``data.pkl`` record) contains ``text``: a sniffer's
-        look at the globals it names, without unpickling anything."""
+        look at the names it holds, without unpickling anything."""
         if self.container != "torch-zip":
             return False
         try:
             with zipfile.ZipFile(self.path) as archive:
-                check_zip_records(archive, self.size, str(self))
+                self._check_records(archive)
                 names = [name for name in archive.namelist() if name.endswith("/data.pkl") and name.count("/") == 1]
                 return len(names) == 1 and text in archive.read(names[0])
         except (zipfile.BadZipFile, OSError, EOFError, ValueError):  # CheckpointError included: not sniffed

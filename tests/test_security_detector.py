@@ -285,8 +285,10 @@ def zip_bomb(path: Path, bomb: str, wrap, script: bool = False) -> Path:
 
 
 def torchscript(path: Path, bomb: str) -> Path:
-    return zip_bomb(path, bomb, lambda tensors: Script(training=False, layers=Script(training=False, **tensors)),
-                    script=True)
+    def tree(tensors):  # recognised by its last block's name, as NVIDIA's
+        return Script(training=False, layers=Script(training=False, mixed_10=Script(training=False, **tensors)))
+
+    return zip_bomb(path, bomb, tree, script=True)
 
 
 def pytorch_fid_zip(path: Path, bomb: str) -> Path:
@@ -457,3 +459,13 @@ def test_load_detector_refuses_a_denoiser_by_name(load_fixture, tmp_path):
         with pytest.raises(CheckpointError, match=rf"{path.name} holds a denoiser \({family} format\), not an FID "
                                                   "Inception detector; give the FID detector instead"):
             load_detector(path)
+
+
+def test_other_torchscript_archives_are_neither_denoisers_nor_detectors(tmp_path):
+    """A TorchScript archive without the Inception's blocks: no format claims it, no reader runs its code."""
+    path = write_archive(tmp_path / "unet.pt", Script(training=False, conv=Script(weight=torch.zeros(2, 2))),
+                         script=True)
+    with pytest.raises(CheckpointError, match="is a TorchScript archive .* reads only as an FID detector file"):
+        load_denoiser(path)
+    with pytest.raises(CheckpointError, match="a TorchScript module without the Inception 'layers'"):
+        load_detector(path)

@@ -165,6 +165,8 @@ def _detector_format(source: FileSource) -> FileFormat:
     try:
         file_format = identify(source)
     except CheckpointError:
+        if source.torchscript_prefix() is not None:
+            return TORCHSCRIPT
         if source.container == "pickle":
             return NVIDIA_PICKLE
         if source.container in ("torch-zip", "torch-legacy"):
@@ -277,7 +279,7 @@ class TorchScriptForm(DetectorForm):
                    "default_1.pt")
 
     def sniff(self, source: FileSource) -> bool:
-        return source.torchscript_prefix() is not None  # the toolkit reads no other TorchScript
+        return source.torchscript_prefix() is not None and source.pickle_mentions(b"mixed_10")  # its last block
 
     def tensors(self, source: FileSource) -> tuple[dict[str, torch.Tensor], str]:
         root = _find_layers_owner(read_restricted(source.path, SCRIPT_ALLOWLIST).top)
