@@ -374,7 +374,7 @@ def test_legacy_storages_are_read_as_declared_and_no_further(tmp_path):
 def detector_files(tmp_path_factory):
     """One valid file of each form with the same random weights in float16 (half the bytes; loaded as float32):
     NVIDIA's pickle, a TorchScript archive (the NVIDIA/clean-fid root and fid-helper's WrapNet.net without
-    output layer), pytorch-fid's state_dict (zip and legacy) and a state_dict in the toolkit's names."""
+    output layer), pytorch-fid's legacy state_dict and a state_dict in the toolkit's names (a torch zip)."""
     folder = tmp_path_factory.mktemp("forms")
     weights = {name: tensor.half() for name, tensor in random_state_dict(seed=21).items()}
     features = {name: tensor for name, tensor in weights.items() if name.startswith("layers.")}
@@ -385,11 +385,9 @@ def detector_files(tmp_path_factory):
         "torchscript-features": write_archive(
             folder / "default_1.pt", Script(training=False, net=Script.tree(features)), script=True),
         "pytorch-fid-legacy": folder / "pt_inception-2015-12-05-6726825d.pth",
-        "pytorch-fid-zip": folder / "pt_inception.pth",
         "state-dict": folder / "inception.pt",
     }
     torch.save(pytorch_fid_state(weights), files["pytorch-fid-legacy"], _use_new_zipfile_serialization=False)
-    torch.save(pytorch_fid_state(weights), files["pytorch-fid-zip"])
     torch.save(weights, files["state-dict"])
     return files, weights
 
@@ -399,7 +397,6 @@ FORMS = {  # file -> (format, form, output layer)
     "torchscript": ("detector-torchscript", "torchscript", True),
     "torchscript-features": ("detector-torchscript", "torchscript", False),
     "pytorch-fid-legacy": ("detector-state-dict", "pytorch-fid", True),
-    "pytorch-fid-zip": ("detector-state-dict", "pytorch-fid", True),
     "state-dict": ("detector-state-dict", "state-dict", True),
 }
 
