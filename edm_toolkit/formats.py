@@ -3,8 +3,11 @@
 Every family of checkpoint (EDM pickle, guided/improved-diffusion state_dict, score_sde checkpoint, the
 toolkit's own model file, ...) is one :class:`FileFormat` object, registered by name with
 :func:`register_format` in the module that implements it. A format recognises its files by content
-(``sniff``), describes one without loading its weights (``inspect``) and loads one as a denoiser (``load``).
-This module knows no format; :mod:`edm_toolkit.loading` imports them all and dispatches.
+(``sniff``), describes one without loading its weights (``inspect``) and loads one (``load``). A format is
+registered with its kind: ``"denoiser"`` (a diffusion model, the default) or ``"detector"`` (the FID Inception
+weights of :mod:`edm_toolkit.metrics.detector_files`); :func:`format_kind` tells which, so that a reader of one
+kind refuses a file of the other by name. This module knows no format; :mod:`edm_toolkit.loading` imports them
+all and dispatches.
 
 The toolkit's own model file stores any model type registered here with :func:`register_model_type` (its
 ``to_config`` / ``from_config`` hooks), so that the writer and reader of that format never import an adapter.
@@ -35,10 +38,11 @@ from .networks.registry import build_network
 from .tensorfile import check_zip_records, read_safetensors, read_torch, sniff_container
 
 __all__ = [
-    "FORMATS", "MODEL_TYPES", "FileFormat", "FileSource", "LoadOptions", "ModelType", "OverBudget",
-    "check_arguments", "check_geometry", "check_options", "construct", "construction_budget", "dtype_summary",
-    "identify", "layout_mismatch", "load_network", "load_wrapper", "materialize", "model_config", "register_format",
-    "register_model_type", "registered_network", "shapes", "verify", "warn",
+    "DENOISER", "DETECTOR", "FORMATS", "KINDS", "MODEL_TYPES", "FileFormat", "FileSource", "LoadOptions",
+    "ModelType", "OverBudget", "check_arguments", "check_geometry", "check_kind", "check_options", "construct",
+    "construction_budget", "dtype_summary", "format_kind", "identify", "layout_mismatch", "load_network",
+    "load_wrapper", "materialize", "model_config", "register_format", "register_model_type", "registered_network",
+    "shapes", "verify", "warn",
 ]
 
 # Sane bounds on what a file may ask the toolkit to allocate per image (generate draws float64 latents of
@@ -114,12 +118,19 @@ class FileSource:
         return value
 
     def torch_object(self) -> Any:
-        """The weights-only object of a torch zip file (CheckpointError if it cannot be read so)."""
+        """The weights-only object of a torch zip file (CheckpointError if it cannot be read so). A TorchScript
+        archive is refused, its records checked first so that a crafted one is named as such: torch.load would
+        hand it to torch.jit.load."""
+        if self.torchscript_prefix() is not None:
+            with zipfile.ZipFile(self.path) as archive:  # its directory was read by torchscript_prefix
+                self._check_records(archive)
+            raise CheckpointError(f"{self} is a TorchScript archive (code and weights), which the toolkit reads only "
+                                  "as an FID detector file, as data, never as code")
         return self._cached("torch", lambda: read_torch(self.path))
 
     def readable_torch_object(self) -> Any:
         """:meth:`torch_object`, or None when the file is not a torch zip readable weights-only (for sniffing)."""
-        if self.container != "torch-zip":
+        if self.container != "torch-zip" or self.torchscript_prefix() is not None:
             return None
         try:
             return self.torch_object()
@@ -130,14 +141,42 @@ class FileSource:
         """(metadata, tensors) of a safetensors file."""
         return self._cached("safetensors", lambda: read_safetensors(self.path))
 
+    def zip_names(self) -> tuple[str, ...]:
+        """The record names of a zip file, from its directory only; () when the file is no readable zip."""
+        def read() -> tuple[str, ...]:
+            try:
+                with zipfile.ZipFile(self.path) as archive:
+                    return tuple(archive.namelist())
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+                return ()
+
+        return self._cached("zip-names", read) if self.container == "torch-zip" else ()
+
+    def torchscript_prefix(self) -> str | None:
+        """``'<archive>/'`` when the file is a TorchScript archive (``torch.jit.save``: ``<archive>/data.pkl``
+        beside ``<archive>/constants.pkl``, which is how torch itself tells one), else None."""
+        names = set(self.zip_names())
+        for name in names:
+            if name.endswith("/data.pkl") and name.count("/") == 1:
+                prefix = name[: -len("data.pkl")]
+                if f"{prefix}constants.pkl" in names:
+                    return prefix
+        return None
+
+    def _check_records(self, archive: zipfile.ZipFile) -> None:
+        """The zip record checks of :mod:`~edm_toolkit.tensorfile`; a TorchScript archive's ``code/``, which
+        torch.jit.save deflates and no reader opens, left out."""
+        prefix = self.torchscript_prefix()
+        check_zip_records(archive, self.size, str(self), unread=(f"{prefix}code/",) if prefix else ())
+
     def pickle_mentions(self, text: bytes) -> bool:
         """Whether the pickle of a torch zip file (its ``data.pkl`` record) contains ``text``: a sniffer's
-        look at the globals it names, without unpickling anything."""
+        look at the names it holds, without unpickling anything."""
         if self.container != "torch-zip":
             return False
         try:
             with zipfile.ZipFile(self.path) as archive:
-                check_zip_records(archive, self.size, str(self))
+                self._check_records(archive)
                 names = [name for name in archive.namelist() if name.endswith("/data.pkl") and name.count("/") == 1]
                 return len(names) == 1 and text in archive.read(names[0])
         except (zipfile.BadZipFile, OSError, EOFError, ValueError):  # CheckpointError included: not sniffed
@@ -149,9 +188,17 @@ class FileFormat(Protocol):
 
     ``name`` identifies it (``identify`` returns it); ``options`` are the :class:`LoadOptions` fields it uses.
     ``sniff`` recognises a file by content, never by name, and must not raise for a file of another format;
-    ``inspect`` describes one as a dict with at least ``family``, ``architecture``, ``parameters``,
-    ``label_dim``, ``img_resolution``, ``img_channels``, ``sigma_min``, ``sigma_max`` and ``dtype``, after the
-    same checks as ``load``; ``load`` returns the denoiser on the CPU, in eval mode, without gradients.
+    ``inspect`` describes one as a dict, after the same checks as ``load``; ``load`` returns its network on the
+    CPU, in eval mode, without gradients. What the network is depends on the kind the format is registered
+    with (:func:`register_format`):
+
+    * ``"denoiser"`` (the default): ``load`` returns the denoiser ``D(x, sigma, class_labels)``; ``inspect``
+      gives at least ``family``, ``architecture``, ``parameters``, ``label_dim``, ``img_resolution``,
+      ``img_channels``, ``sigma_min``, ``sigma_max`` and ``dtype``.
+    * ``"detector"``: ``load`` returns the FID Inception detector
+      (:class:`~edm_toolkit.metrics.inception.InceptionV3`); ``inspect`` gives at least ``family``, ``kind``,
+      ``form``, ``architecture``, ``parameters``, ``outputs`` and ``dtype``.
+
     Problems raise CheckpointError; what a user must know but is no error is a :func:`warn`.
     """
 
@@ -166,14 +213,32 @@ class FileFormat(Protocol):
 
 
 FORMATS: dict[str, FileFormat] = {}
+DENOISER, DETECTOR = "denoiser", "detector"
+KINDS = {DENOISER: "a denoiser", DETECTOR: "an FID Inception detector"}  # kind -> what its files hold
+_FORMAT_KINDS: dict[str, str] = {}
 
 
-def register_format(file_format: FileFormat) -> FileFormat:
-    """Adds a format to the registry (once per name)."""
+def register_format(file_format: FileFormat, kind: str = DENOISER) -> FileFormat:
+    """Adds a format of the given kind (:data:`DENOISER` or :data:`DETECTOR`) to the registry (once per name)."""
     if file_format.name in FORMATS:
         raise RuntimeError(f"file format {file_format.name!r} registered twice")
+    if kind not in KINDS:
+        raise ValueError(f"file format kind {kind!r} is not one of {', '.join(KINDS)}")
     FORMATS[file_format.name] = file_format
+    _FORMAT_KINDS[file_format.name] = kind
     return file_format
+
+
+def format_kind(file_format: FileFormat) -> str:
+    """The kind a registered format was registered with: ``"denoiser"`` or ``"detector"``."""
+    return _FORMAT_KINDS[file_format.name]
+
+
+def check_kind(file_format: FileFormat, kind: str, source: FileSource, fix: str) -> None:
+    """Refuses a file whose format is of another kind than the reader wants, naming both and the ``fix``."""
+    found = format_kind(file_format)
+    if found != kind:
+        raise CheckpointError(f"{source} holds {KINDS[found]} ({file_format.name} format), not {KINDS[kind]}; {fix}")
 
 
 def identify(source: FileSource) -> FileFormat:

@@ -6,10 +6,12 @@
 | edm-pickle | EDM network-snapshot-*.pkl / edm-*.pkl / training-state-*.pt | restricted unpickler (adapters.edm_pickle) |
 | openai (guided-, improved-diffusion) | plain state_dict .pt | torch.load(weights_only=True) + architecture from file name, flags or shapes |
 | score_sde | {'model', 'ema', 'step', 'optimizer'} .pth | torch.load(weights_only=True) + config by name or inferred |
+| detector-nvidia-pickle, detector-torchscript, detector-state-dict | the FID Inception detector's files (kind "detector") | restricted reader (metrics.detector_files) |
 
 This is the one module that knows every format: it imports them (each registers itself with
-:mod:`edm_toolkit.formats`) and dispatches on what :func:`identify` finds. Every read is bounded by the file's
-content (docs/security.md).
+:mod:`edm_toolkit.formats`) and dispatches on what :func:`identify` finds. :func:`inspect_file` describes a file of
+any kind; :func:`load_denoiser` refuses one that holds no denoiser (an FID detector: load that with
+:func:`edm_toolkit.metrics.load_detector`). Every read is bounded by the file's content (docs/security.md).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from torch import nn
 from . import checkpoints
 from .adapters import edm_pickle, openai, score_sde  # noqa: F401  (each registers its file format)
 from .errors import CheckpointError
-from .formats import FORMATS, FileSource, LoadOptions, check_options
+from .formats import DENOISER, FORMATS, FileSource, LoadOptions, check_kind, check_options
 from .formats import identify as _identify
+from .metrics import detector_files  # noqa: F401  (registers the FID detector's file formats)
 from .outputs import check_output_path
 
 __all__ = ["FORMATS", "convert_file", "identify", "inspect_file", "load_denoiser", "load_model"]
@@ -34,7 +37,7 @@ __all__ = ["FORMATS", "convert_file", "identify", "inspect_file", "load_denoiser
 
 def identify(path: str | Path) -> str:
     """The name of the registered format of a model file (``edm-toolkit``, ``edm-pickle``, ``openai``,
-    ``score_sde``, ...), found from its content without executing anything from it."""
+    ``score_sde``, ``detector-torchscript``, ...), found from its content without executing anything from it."""
     return _identify(FileSource(path)).name
 
 
@@ -56,14 +59,16 @@ def load_denoiser(path: str | Path, *, model_flags: str | Mapping[str, Any] | No
     training weights. An option that the file's format does not use is refused.
     """
     source, file_format, options = _opened(path, model_flags, config, use_ema)
+    check_kind(file_format, DENOISER, source, detector_files.USE)
     net = file_format.load(source, options)
     return net.eval().requires_grad_(False).to(device)
 
 
 def inspect_file(path: str | Path, *, model_flags: str | Mapping[str, Any] | None = None,
                  config: str | Mapping[str, Any] | None = None, use_ema: bool = True) -> dict[str, Any]:
-    """What a model file is (family, architecture, parameters, conditioning, sigma range, dtype), after the
-    checks that loading it makes, so that a file that cannot be loaded cannot be inspected either."""
+    """What a model file is (family, architecture, parameters, conditioning, sigma range, dtype; for an FID
+    detector file its kind, form, outputs and dtype), after the checks that loading it makes, so that a file
+    that cannot be loaded cannot be inspected either."""
     source, file_format, options = _opened(path, model_flags, config, use_ema)
     return file_format.inspect(source, options)
 

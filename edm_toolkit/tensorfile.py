@@ -69,10 +69,14 @@ def _first_line(exc: BaseException) -> str:
 # torch zip files
 
 
-def check_zip_records(archive: zipfile.ZipFile, file_size: int, source: str) -> None:
-    """Refuses compressed records and records that together claim more bytes than the file has."""
+def check_zip_records(archive: zipfile.ZipFile, file_size: int, source: str, unread: tuple[str, ...] = ()) -> None:
+    """Refuses compressed records and records that together claim more bytes than the file has. Records under
+    the folders ``unread`` are left out: the reader never opens them (TorchScript's ``code/``, which
+    ``torch.jit.save`` deflates)."""
     total = 0
     for info in archive.infolist():
+        if info.filename.startswith(unread):  # () matches nothing
+            continue
         if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
             raise CheckpointError(f"{source}: record {info.filename!r} is compressed; torch.save stores every record "
                                   "uncompressed, and a compressed one could inflate far beyond the file's size")

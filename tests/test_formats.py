@@ -61,7 +61,8 @@ def image(outdir):
 
 
 def test_every_family_is_recognised_by_content(edm_file, edm_net, load_fixture, tmp_path):
-    assert list(FORMATS) == ["edm-toolkit", "edm-pickle", "openai", "score_sde"]
+    assert list(FORMATS) == ["edm-toolkit", "edm-pickle", "openai", "score_sde", "detector-nvidia-pickle",
+                            "detector-torchscript", "detector-state-dict"]
     torch.save(dict(load_fixture("gd_unet_legacy").state_dict), tmp_path / "a")
     torch.save(load_fixture("sde_ncsnpp_ve").state_dict, tmp_path / "b")
     save_model(edm_net, tmp_path / "c.safetensors")

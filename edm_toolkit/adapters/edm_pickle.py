@@ -20,6 +20,13 @@ only hashed), tensors are rebuilt from their storages (each checked to be a plai
 An embedded source that is not one of NVlabs/edm's released module files (known by their SHA-256) draws a
 :class:`~edm_toolkit.errors.CheckpointWarning`: EDM's own loader would run that code, which may compute
 something else than the toolkit's implementation that is used here.
+
+Other readers of files in this style (NVIDIA's FID Inception pickle, TorchScript archives and state_dicts read as
+data, :mod:`edm_toolkit.metrics.detector_files`) use the same unpickler through a small public API:
+:class:`Allowlist` (which persistent classes, torch modules and further globals a file may name),
+:func:`read_restricted` (a plain pickle, a torch zip or a legacy torch file, read with bounded memory),
+:class:`PersistentObject` / :class:`ModuleRecord` (what the unpickler builds), :func:`module_tensors` (the
+state_dict of a pickled module tree) and :func:`persistent_top_class` (a sniffer's look at a bare pickle).
 """
 
 from __future__ import annotations
@@ -27,10 +34,12 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import io
 import os
 import pickle
+import pickletools
 import re
 import sys
 import warnings
@@ -49,9 +58,11 @@ from ..formats import (
 from ..networks.dhariwal_unet import DhariwalUNet
 from ..networks.song_unet import SongUNet
 from ..precond import EDMPrecond, IDDPMPrecond, Preconditioner, VEPrecond, VPPrecond
-from ..tensorfile import check_tensors, check_view, check_zip_records
+from ..tensorfile import check_tensors, check_view, check_zip_records, sniff_container
 
-__all__ = ["EDM_PICKLE", "inspect_edm_pickle", "load_edm_network", "read_edm_pickle"]
+__all__ = ["EDM_ALLOWLIST", "EDM_PICKLE", "Allowlist", "ModuleRecord", "PersistentObject", "Unpickled",
+           "inspect_edm_pickle", "load_edm_network", "module_tensors", "persistent_top_class", "read_edm_pickle",
+           "read_restricted"]
 
 FAMILY = "edm-pickle"
 PERSISTENCE_VERSION = 6  # torch_utils.persistence._version of NVlabs/edm
@@ -129,20 +140,23 @@ class PersistentObject:
         return f"PersistentObject({self.class_name!r})"
 
 
-class _TorchContainer(PersistentObject):
-    """A plain ``torch.nn`` container (ModuleDict, ModuleList, Sequential), rebuilt by NEWOBJ + BUILD."""
+class ModuleRecord(PersistentObject):
+    """A module pickled by NEWOBJ + BUILD as data: a plain ``torch.nn`` module (ModuleDict, Sequential,
+    MaxPool2d, ...; its ``__dict__``) or a TorchScript object (its attributes), in ``state``."""
 
-    def __new__(cls, *args):  # NEWOBJ calls only __new__
-        container = super().__new__(cls)
-        PersistentObject.__init__(container, "torch.nn container", {})
-        return container
+    def __new__(cls, *args):  # NEWOBJ calls only __new__, with the () that modules pickle with
+        if args:
+            raise CheckpointError("a module record built with arguments (modules are pickled without any)")
+        record = super().__new__(cls)
+        PersistentObject.__init__(record, "torch.nn module", {})
+        return record
 
     def __init__(self, *args):
         pass
 
     def __setstate__(self, state):
-        if not isinstance(state, dict):
-            raise CheckpointError("a torch.nn container has a malformed state")
+        if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
+            raise CheckpointError("a torch.nn module has a malformed state")
         self.state = state
 
 
@@ -206,11 +220,7 @@ def _storage_from_legacy_bytes(data):
     if not isinstance(data, (bytes, bytearray)):
         raise CheckpointError("malformed tensor storage (not bytes)")
     stream = io.BytesIO(data)
-    magic, protocol, system = (_LegacyUnpickler(stream).load() for _ in range(3))
-    if magic != _LEGACY_MAGIC or protocol != 1001 or not isinstance(system, dict):
-        raise CheckpointError("malformed tensor storage (not a torch storage record)")
-    if system.get("little_endian") is not (sys.byteorder == "little"):
-        raise CheckpointError(f"tensors were saved in the byte order opposite to this {sys.byteorder}-endian CPU")
+    _legacy_header(stream, "malformed tensor storage (not a torch storage record)")
     reference = _LegacyUnpickler(stream).load()
     keys = _LegacyUnpickler(stream).load()
     storage_type, key, numel = reference
@@ -227,12 +237,21 @@ def _storage_from_legacy_bytes(data):
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
+def _legacy_header(stream: IO[bytes], malformed: str) -> None:
+    """The three pickles that start a legacy torch.save stream: magic number, protocol version, system info."""
+    magic, protocol, system = (_LegacyUnpickler(stream).load() for _ in range(3))
+    if magic != _LEGACY_MAGIC or protocol != 1001 or not isinstance(system, dict):
+        raise CheckpointError(malformed)
+    if system.get("little_endian") is not (sys.byteorder == "little"):
+        raise CheckpointError(f"tensors were saved in the byte order opposite to this {sys.byteorder}-endian CPU")
+
+
 class _LegacyUnpickler(pickle.Unpickler):
     """The pickles of a legacy storage record: plain data, storage types, and the storage's persistent id."""
 
     def find_class(self, module: str, name: str):
         if module == "torch" and name in _STORAGE_DTYPES:
-            return ALLOWED_GLOBALS[("torch", name)]
+            return PLAIN_GLOBALS[("torch", name)]
         raise CheckpointError(f"refused to load global '{module}.{name}' in a tensor storage record")
 
     def persistent_load(self, pid):
@@ -288,22 +307,60 @@ _STORAGE_DTYPES = {
     "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
     "BoolStorage": torch.bool, "UntypedStorage": torch.uint8,
 }
-ALLOWED_GLOBALS: dict[tuple[str, str], Callable] = {
+# The globals every restricted read admits: plain data, tensors and their storages.
+PLAIN_GLOBALS: dict[tuple[str, str], Callable] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _storage_from_legacy_bytes,
-    ("torch.nn.modules.container", "ModuleDict"): _TorchContainer,
-    ("torch.nn.modules.container", "ModuleList"): _TorchContainer,
-    ("torch.nn.modules.container", "Sequential"): _TorchContainer,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     ("numpy", "dtype"): _NumpyDtype,
     ("builtins", "set"): _make_set,
     ("_codecs", "encode"): _latin1_bytes,
-    ("dnnlib.util", "EasyDict"): _EasyDict,
     **{("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Allowlist:
+    """What a restricted read admits besides :data:`PLAIN_GLOBALS`, and how its refusals read.
+
+    ``persistent_classes``: the ``torch_utils.persistence`` class names a file may hold, each read as a
+    :class:`PersistentObject` (its meta checked, its ``module_src`` hashed, never run); ``torch_modules``:
+    ``(module, name)`` of torch classes read as :class:`ModuleRecord` (``torch.nn.modules.container``,
+    ``Sequential``); ``record_packages``: packages every class of which is read as a :class:`ModuleRecord`
+    (TorchScript's ``__torch__``); ``handlers``: further globals, each mapped to a function that builds only data.
+    The texts word the errors: ``name`` what the files are ('EDM network pickle'), ``classes`` what the
+    persistent classes are, ``advice`` what a refusal means, ``hint`` what to check in a malformed file.
+    """
+
+    name: str
+    classes: str
+    advice: str
+    hint: str
+    persistent_classes: frozenset[str] = frozenset()
+    torch_modules: frozenset[tuple[str, str]] = frozenset()
+    record_packages: tuple[str, ...] = ()
+    handlers: Mapping[tuple[str, str], Callable] = dataclasses.field(default_factory=dict)
+
+    def resolve(self, module: str, name: str) -> Callable | None:
+        """The handler of a global (Python 3 name), or None when it is not admitted."""
+        if (module, name) in self.torch_modules or module.split(".", 1)[0] in self.record_packages:
+            return ModuleRecord
+        return self.handlers.get((module, name)) or PLAIN_GLOBALS.get((module, name))
+
+
+EDM_ALLOWLIST = Allowlist(
+    name="EDM network pickle",
+    classes="an EDM network, loss or augment class known to edm-toolkit",
+    advice="this file is not a plain EDM snapshot",
+    hint="check that the file is a complete edm-*.pkl, network-snapshot-*.pkl or training-state-*.pt",
+    persistent_classes=NETWORK_CLASSES | DATA_CLASSES,
+    torch_modules=frozenset(("torch.nn.modules.container", name)
+                            for name in ("ModuleDict", "ModuleList", "Sequential")),
+    handlers={("dnnlib.util", "EasyDict"): _EasyDict},
+)
 
 
 def _python3_name(module: str, name: str) -> tuple[str, str]:
@@ -314,24 +371,26 @@ def _python3_name(module: str, name: str) -> tuple[str, str]:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles EDM snapshots from allowlisted globals only; ``read_record(key)`` serves torch.save storages."""
+    """Unpickles from the globals an :class:`Allowlist` admits only. Storages: ``read_record(key)`` serves those
+    of a torch zip (5-tuple ids), ``legacy`` declares those of a legacy torch.save stream (6-tuple ids)."""
 
-    def __init__(self, file: IO[bytes], read_record: Callable[[str], bytes] | None = None):
+    def __init__(self, file: IO[bytes], allowlist: Allowlist, read_record: Callable[[str], bytes] | None = None,
+                 legacy: _LegacyStorages | None = None):
         super().__init__(file)
+        self._allowlist = allowlist
         self._read_record = read_record
+        self._legacy = legacy
         self._storages: dict[str, torch.storage.TypedStorage] = {}
         self.sources: dict[str, set[str]] = {}  # SHA-256 of each distinct module_src -> its class names
 
     def find_class(self, module: str, name: str):
         module, name = _python3_name(module, name)
-        if (module, name) == _RECONSTRUCT:
+        if (module, name) == _RECONSTRUCT and self._allowlist.persistent_classes:
             return self._persistent_object
-        handler = ALLOWED_GLOBALS.get((module, name))
+        handler = self._allowlist.resolve(module, name)
         if handler is None:
-            raise CheckpointError(
-                f"refused to load global '{module}.{name}' (not on the allowlist of EDM network pickles); "
-                "this file is not a plain EDM snapshot"
-            )
+            raise CheckpointError(f"refused to load global '{module}.{name}' (not on the allowlist of "
+                                  f"{self._allowlist.name}s); {self._allowlist.advice}")
         return handler
 
     def _persistent_object(self, meta):
@@ -343,11 +402,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 f"persistent object of version {meta.get('version')!r}; this reader knows version {PERSISTENCE_VERSION}"
             )
         class_name, source, state = meta.get("class_name"), meta.get("module_src"), meta.get("state")
-        if class_name not in NETWORK_CLASSES | DATA_CLASSES:
-            raise CheckpointError(
-                f"refused persistent class {class_name!r} (not an EDM network, loss or augment class known to "
-                "edm-toolkit); only EDM's own networks can be read"
-            )
+        if class_name not in self._allowlist.persistent_classes:
+            raise CheckpointError(f"refused persistent class {class_name!r:.80} (not {self._allowlist.classes}); "
+                                  f"{self._allowlist.advice}")
         if not isinstance(source, str) or not isinstance(state, dict):
             raise CheckpointError(f"malformed persistent {class_name} (no source text or state)")
         digest = hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()  # hashed, never run
@@ -355,7 +412,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return PersistentObject(class_name, state)
 
     def persistent_load(self, pid):
-        """torch.save's ('storage', <storage type>, key, location, numel) ids, served from the zip records."""
+        """torch.save's storage ids: ('storage', <storage type>, key, location, numel) in a zip, served from its
+        records; ('storage', <storage type>, key, location, numel, None) in a legacy stream, declared here and
+        filled from the stream after the pickle."""
+        if self._legacy is not None:
+            if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"
+                    and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and _is_int(pid[4])
+                    and pid[4] >= 0 and pid[5] is None):
+                raise CheckpointError(f"malformed storage reference {pid!r:.80} (storage views are not read)")
+            return self._legacy.declare(pid[1].dtype, pid[2], pid[4])
         if self._read_record is None:
             raise CheckpointError("unexpected persistent id in a plain pickle")
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
@@ -367,27 +432,81 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._storages[key]
 
 
+def _typed_storage(data: bytearray, dtype: torch.dtype) -> torch.storage.TypedStorage:
+    """A CPU storage of ``dtype`` sharing the memory of ``data`` (raw little-endian bytes)."""
+    raw = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return torch.storage.TypedStorage(wrap_storage=raw.untyped_storage(), dtype=dtype, _internal=True)
+
+
 def _storage_from_record(data: bytes, dtype: torch.dtype, numel: int) -> torch.storage.TypedStorage:
     """A CPU storage of ``numel`` elements of ``dtype`` from the raw little-endian bytes of a zip record."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(data) != numel * itemsize:
         raise CheckpointError(f"tensor storage has {len(data)} bytes, expected {numel} x {itemsize}")
-    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-    return torch.storage.TypedStorage(wrap_storage=raw.untyped_storage(), dtype=dtype, _internal=True)
+    return _typed_storage(bytearray(data), dtype)
+
+
+class _LegacyStorages:
+    """The storages of a legacy torch.save stream. Its pickle declares each (key, dtype, element count) before
+    the stream gives their bytes; a declaration is checked against the bytes the file can still hold before it
+    is allocated (torch's own reader allocates whatever is declared), and :meth:`fill` then reads each in turn,
+    its element count checked again."""
+
+    def __init__(self, budget: int):
+        self.budget = budget  # bytes the file can still hold
+        self.declared: dict[str, tuple[torch.dtype, int, bytearray, torch.storage.TypedStorage]] = {}
+
+    def declare(self, dtype: torch.dtype, key: str, numel: int) -> torch.storage.TypedStorage:
+        if key in self.declared:
+            known_dtype, known_numel, _, storage = self.declared[key]
+            if (known_dtype, known_numel) != (dtype, numel):
+                raise CheckpointError(f"storage {key!r:.40} declared twice, differently")
+            return storage
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if nbytes > self.budget:
+            raise CheckpointError(f"its storages declare more bytes than the file holds ({nbytes:,} for storage "
+                                  f"{key!r:.40}, at most {self.budget:,} left); refused before allocating them")
+        self.budget -= nbytes
+        data = bytearray(nbytes)
+        self.declared[key] = (dtype, numel, data, _typed_storage(data, dtype))
+        return self.declared[key][3]
+
+    def fill(self, stream: IO[bytes], keys) -> None:
+        """Reads the storages in the order of ``keys`` (the pickled key list): each an 8-byte element count,
+        then its bytes."""
+        if not (isinstance(keys, list) and all(isinstance(key, str) for key in keys) and len(set(keys)) == len(keys)
+                and set(keys) == set(self.declared)):
+            raise CheckpointError("malformed legacy torch file (its storage list does not match its tensors)")
+        for key in keys:
+            dtype, numel, data, _ = self.declared[key]
+            count = int.from_bytes(stream.read(8), "little")
+            if count != numel:
+                raise CheckpointError(f"malformed legacy torch file (storage {key!r:.40} holds {count} elements, "
+                                      f"its tensors declare {numel})")
+            view, done = memoryview(data), 0
+            while done < len(data):
+                got = stream.readinto(view[done:])
+                if not got:
+                    raise CheckpointError(f"truncated legacy torch file (storage {key!r:.40} ends early)")
+                done += got
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Reading files
 
 
-class _Unpickled(NamedTuple):
-    top: dict
-    sources: dict[str, set[str]]  # SHA-256 of each embedded module source -> class names defined by it
+class Unpickled(NamedTuple):
+    """What :func:`read_restricted` read: the top-level object, and the SHA-256 of each embedded module source
+    (``torch_utils.persistence``'s ``module_src``) with the class names defined by it."""
 
-    def unofficial(self) -> list[str]:
-        """Class names whose embedded source is not one of NVlabs/edm's released module files."""
-        return sorted({name for digest, names in self.sources.items() if digest not in OFFICIAL_SOURCES
-                       for name in names})
+    top: Any
+    sources: dict[str, set[str]]
+
+
+def _unofficial(result: Unpickled) -> list[str]:
+    """Class names whose embedded source is not one of NVlabs/edm's released module files."""
+    return sorted({name for digest, names in result.sources.items() if digest not in OFFICIAL_SOURCES
+                   for name in names})
 
 
 def _source_name(path_or_file: PathOrFile) -> str:
@@ -396,29 +515,85 @@ def _source_name(path_or_file: PathOrFile) -> str:
     return str(getattr(path_or_file, "name", "<stream>"))
 
 
-def _unpickle_stream(stream: IO[bytes], source: str) -> _Unpickled:
-    """Top level of a plain pickle or of a torch.save zip (training-state-*.pt)."""
+def _unpickle_stream(stream: IO[bytes], source: str, allowlist: Allowlist) -> Unpickled:
+    """Top level of a plain pickle, of a torch zip (a training-state-*.pt, a TorchScript archive's data.pkl) or
+    of a legacy torch.save stream."""
     if not stream.seekable():
         stream = io.BytesIO(stream.read())
     start = stream.tell()
-    is_zip = stream.read(4) == b"PK\x03\x04"
+    head = stream.read(16)
     size = stream.seek(0, io.SEEK_END) - start
     stream.seek(start)
-    if not is_zip:
-        unpickler = _RestrictedUnpickler(stream)
-        return _Unpickled(unpickler.load(), unpickler.sources)
+    container = sniff_container(head, size)
+    if container == "torch-legacy":
+        _legacy_header(stream, "malformed legacy torch file (not torch.save's header)")
+        storages = _LegacyStorages(size)
+        unpickler = _RestrictedUnpickler(stream, allowlist, legacy=storages)
+        top = unpickler.load()
+        storages.fill(stream, _LegacyUnpickler(stream).load())
+        return Unpickled(top, unpickler.sources)
+    if container != "torch-zip":
+        unpickler = _RestrictedUnpickler(stream, allowlist)
+        return Unpickled(unpickler.load(), unpickler.sources)
     with zipfile.ZipFile(stream) as archive:
-        check_zip_records(archive, size, source)
         pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") and name.count("/") == 1]
         if len(pickles) != 1:
             raise CheckpointError("zip file without exactly one <archive>/data.pkl: not a torch.save file")
         prefix = pickles[0][: -len("data.pkl")]
+        check_zip_records(archive, size, source, unread=(f"{prefix}code/",))  # TorchScript's code, never opened
         byteorder = f"{prefix}byteorder"
         if byteorder in archive.namelist() and archive.read(byteorder) != sys.byteorder.encode():
             raise CheckpointError(f"tensors were saved in the byte order opposite to this {sys.byteorder}-endian CPU")
         with archive.open(pickles[0]) as data_pkl:
-            unpickler = _RestrictedUnpickler(data_pkl, lambda key: archive.read(f"{prefix}data/{key}"))
-            return _Unpickled(unpickler.load(), unpickler.sources)
+            unpickler = _RestrictedUnpickler(data_pkl, allowlist, lambda key: archive.read(f"{prefix}data/{key}"))
+            return Unpickled(unpickler.load(), unpickler.sources)
+
+
+_MEMO_OPS = frozenset({"PROTO", "FRAME", "MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"})
+_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING",
+                         "SHORT_BINSTRING"})
+_PEEK_OPS = 64  # a persistent object's meta names its class within its first 30 opcodes
+
+
+def persistent_top_class(source: FileSource) -> str | None:
+    """The class name of a bare pickle's top-level ``torch_utils.persistence`` object, read from its first
+    opcodes without unpickling anything (NVIDIA's detector pickle is one such object; EDM's snapshots are dicts);
+    None when the top level is anything else or the pickle cannot be read so. For sniffers: never raises."""
+    if source.container != "pickle":
+        return None
+    try:
+        with open(source.path, "rb") as stream:
+            return _top_class(pickletools.genops(stream))
+    except (ValueError, EOFError, OSError, UnicodeDecodeError, OverflowError):
+        return None
+
+
+def _top_class(opcodes) -> str | None:
+    """The pickle starts with the global _reconstruct_persistent_obj (GLOBAL, or two strings and STACK_GLOBAL)
+    and its meta dict, whose 'class_name' entry is the first one that string names."""
+    strings: list[str] = []
+    persistent = False
+    for count, (opcode, arg, _position) in enumerate(opcodes):
+        if count > _PEEK_OPS:
+            return None
+        if opcode.name in _MEMO_OPS:
+            continue
+        if not persistent:
+            if opcode.name == "GLOBAL":
+                persistent = arg == " ".join(_RECONSTRUCT)
+            elif opcode.name in _STRING_OPS and len(strings) < 2:
+                strings.append(arg)
+                continue
+            elif opcode.name == "STACK_GLOBAL":
+                persistent = tuple(strings) == _RECONSTRUCT
+            if not persistent:
+                return None
+            strings = []
+        elif opcode.name in _STRING_OPS:
+            if strings[-1:] == ["class_name"]:
+                return arg if isinstance(arg, str) else None
+            strings.append(arg)
+    return None
 
 
 @contextlib.contextmanager
@@ -432,9 +607,13 @@ def _reported_as(context: str):
         raise CheckpointError(f"{context}: {exc}") from None
 
 
-def _read(path_or_file: PathOrFile) -> tuple[_Unpickled, str]:
-    """Unpickles a snapshot restrictedly: (top-level dict and embedded sources), file name. Warns when an
-    embedded source is not NVlabs/edm's."""
+def read_restricted(path_or_file: PathOrFile, allowlist: Allowlist) -> Unpickled:
+    """A plain pickle, a torch zip (``<archive>/data.pkl``, torch.save or TorchScript) or a legacy torch.save
+    stream, unpickled from :data:`PLAIN_GLOBALS` and what ``allowlist`` admits only, with memory bounded by the
+    file: zip records checked by :func:`~edm_toolkit.tensorfile.check_zip_records` before any is read (a
+    TorchScript archive's ``code/`` is never opened), legacy storages checked against the file's size before
+    they are allocated, every tensor checked by :func:`~edm_toolkit.tensorfile.check_view` before it is made.
+    Every problem is one CheckpointError line that starts with the file's name."""
     source = _source_name(path_or_file)
     with _reported_as(source):
         try:
@@ -442,25 +621,30 @@ def _read(path_or_file: PathOrFile) -> tuple[_Unpickled, str]:
                 if not Path(path_or_file).is_file():
                     raise CheckpointError("file not found")
                 with open(path_or_file, "rb") as stream:
-                    result = _unpickle_stream(stream, source)
-            else:
-                result = _unpickle_stream(path_or_file, source)
+                    return _unpickle_stream(stream, source, allowlist)
+            return _unpickle_stream(path_or_file, source, allowlist)
         except CheckpointError:
             raise
         except _MALFORMED as exc:  # truncated or corrupt data, wrong types for a handler, ...
             detail = (str(exc).strip().splitlines() or [""])[0][:160]
             raise CheckpointError(
-                f"not a readable EDM network pickle ({type(exc).__name__}: {detail}); "
-                "check that the file is a complete edm-*.pkl, network-snapshot-*.pkl or training-state-*.pt"
-            ) from None
+                f"not a readable {allowlist.name} ({type(exc).__name__}: {detail}); {allowlist.hint}") from None
+
+
+def _read(path_or_file: PathOrFile) -> tuple[Unpickled, str]:
+    """Unpickles a snapshot restrictedly: (top-level dict and embedded sources), file name. Warns when an
+    embedded source is not NVlabs/edm's."""
+    source = _source_name(path_or_file)
+    result = read_restricted(path_or_file, EDM_ALLOWLIST)
+    with _reported_as(source):
         if not isinstance(result.top, dict):
             raise CheckpointError(f"top level is a {type(result.top).__name__}, not the dict of an EDM snapshot")
-    unofficial = result.unofficial()
+    unofficial = _unofficial(result)
     if unofficial:
         warn(f"{source}: the Python code embedded for {', '.join(unofficial)} is not NVlabs/edm's released code "
              "(EDM's own loader would run it, and it may compute something else); it was not run: edm-toolkit's "
              "implementation of these classes is used instead")
-    return _Unpickled(dict(result.top), result.sources), source
+    return Unpickled(dict(result.top), result.sources), source
 
 
 def _plain(value):
@@ -507,8 +691,10 @@ def _plain(value):
 # Rebuilding networks
 
 
-def _module_tensors(node: PersistentObject) -> dict[str, torch.Tensor]:
-    """The state_dict of a pickled module tree: _parameters and persistent _buffers by qualified name."""
+def module_tensors(node: PersistentObject) -> dict[str, torch.Tensor]:
+    """The state_dict of a pickled module tree (persistent objects and :class:`ModuleRecord` s, each with its
+    ``__dict__``): _parameters and persistent _buffers by qualified name. A module that appears twice, a
+    submodule that is no module and a non-tensor entry are refused."""
     tensors: dict[str, torch.Tensor] = {}
     groups = ("_parameters", "_buffers")
     pending, seen = [("", node)], set()
@@ -617,7 +803,7 @@ def _plan(node, key: str) -> _Plan:
         raise CheckpointError(f"{what} records {sorted(set(arguments) & set(backbone_kwargs))}, which EDM sets itself")
     backbone_kwargs.update(arguments)
 
-    tensors = _module_tensors(node)
+    tensors = module_tensors(node)
     check_tensors(tensors, what)  # views that share stored values would be copied apart when loaded
     return _Plan(what, lambda: backbone_cls(**backbone_kwargs), lambda backbone: spec.cls(backbone, **geometry, **own),
                  tensors, bound, spec)
@@ -741,7 +927,8 @@ def _sigma_range(node: PersistentObject, spec: _PrecondSpec, bound: dict[str, An
 class EDMPickleFormat:
     """NVlabs/edm's network pickles and training states (:mod:`edm_toolkit.adapters.edm_pickle`).
 
-    Recognised as a bare pickle (only EDM's are read bare), or a torch zip whose pickle names EDM's
+    Recognised as a bare pickle whose top level is not a persistent object of another class (EDM writes a dict
+    there; other bare pickles are refused by its reader), or a torch zip whose pickle names EDM's
     ``torch_utils.persistence``. Loads 'ema', else 'net' (training states) with a warning.
     """
 
@@ -749,7 +936,10 @@ class EDMPickleFormat:
     options = frozenset()  # the architecture is recorded in the file
 
     def sniff(self, source: FileSource) -> bool:
-        return source.container == "pickle" or source.pickle_mentions(b"torch_utils.persistence")
+        if source.container == "pickle":
+            top = persistent_top_class(source)
+            return top is None or top in EDM_ALLOWLIST.persistent_classes
+        return source.pickle_mentions(b"torch_utils.persistence")
 
     def inspect(self, source: FileSource, options: LoadOptions) -> dict[str, Any]:
         return inspect_edm_pickle(source.path)

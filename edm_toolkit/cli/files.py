@@ -1,4 +1,5 @@
-"""edm inspect / edm convert: what a model file is, and conversion to the toolkit's safe format."""
+"""edm inspect / edm convert: what a model file (or an FID detector file) is, and conversion to the toolkit's safe
+format."""
 
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def _format(value) -> str:
 @source_options
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON")
 def inspect(path, model_flags, model_config, as_json):
-    """Describe a model file (family, architecture, parameters, conditioning, sigma range, dtype) without
-    executing anything from it."""
+    """Describe a model file (family, architecture, parameters, conditioning, sigma range, dtype), or an FID
+    detector file (kind detector: its form, outputs and dtype), without executing anything from it."""
     from ..loading import inspect_file
 
     info = inspect_file(path, model_flags=model_flags, config=model_config)
