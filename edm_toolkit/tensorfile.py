@@ -149,28 +149,27 @@ def check_view(storage_numel: int, offset: int, size, stride, what: str) -> None
 
 def check_tensors(obj: Any, source: str) -> None:
     """Every tensor in ``obj`` (nested dicts, lists, tuples, sets) passes :func:`check_view`, and the tensors
-    together are no larger than the storages they view, so that copying them costs at most the file's size."""
+    together are no larger than the storages they view, so that copying them costs at most the file's size.
+
+    Every occurrence counts: one stored tensor under many names would be copied once per name when loaded."""
     storages: dict[int, int] = {}
-    views: set[tuple] = set()
     view_bytes = 0
-    seen: set[int] = set()
+    seen: set[int] = set()  # containers already walked (a pickle may reference one from several places)
     pending: list[tuple[Any, str]] = [(obj, "")]
     while pending:
         item, where = pending.pop()
-        if id(item) in seen:
-            continue
-        seen.add(id(item))
         if isinstance(item, torch.Tensor):
             storage = item.untyped_storage()
             itemsize = item.element_size()
             check_view(storage.nbytes() // itemsize, item.storage_offset(), tuple(item.shape), item.stride(),
                        f"{source}: tensor {where or '(top level)'}")
             storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
-            key = (storage.data_ptr(), item.storage_offset(), tuple(item.shape), item.stride(), item.dtype)
-            if key not in views:
-                views.add(key)
-                view_bytes += item.numel() * itemsize
-        elif isinstance(item, Mapping):
+            view_bytes += item.numel() * itemsize
+            continue
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, Mapping):
             pending.extend((value, f"{where}.{key}" if where else str(key)) for key, value in item.items())
         elif isinstance(item, (list, tuple, set, frozenset)):
             pending.extend((value, f"{where}[{index}]") for index, value in enumerate(item))

@@ -236,6 +236,17 @@ def test_views_sharing_one_storage_are_refused(tmp_path, load_fixture):
         inspect_file(path)
 
 
+def test_one_tensor_under_many_names_is_refused(tmp_path, load_fixture):
+    """The same stored tensor under every name of a state_dict (one pickle object, one identical view each time)
+    would be copied once per name when loaded: counted per name, the file claims far more than it stores."""
+    fx = load_fixture("gd_unet_legacy")
+    shared = torch.zeros(max(t.numel() for t in fx.state_dict.values()))
+    path = tmp_path / "model.pt"
+    torch.save({name: shared for name in fx.state_dict}, path)
+    with pytest.raises(CheckpointError, match="tensors that share stored values"):
+        inspect_file(path)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Compressed zip records
 
