@@ -57,9 +57,9 @@ def _net_opts(values) -> dict:
 
 
 def _architectures():
-    from ..training.architectures import ARCHITECTURES
+    from ..training.architectures import architecture_names
 
-    return list(ARCHITECTURES)
+    return architecture_names()
 
 
 @click.command(context_settings={"show_default": True})
