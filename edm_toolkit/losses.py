@@ -56,11 +56,13 @@ class TrainingLoss:
     step back to a stateful loss (every process's, gathered); :meth:`state_dict` / :meth:`load_state_dict` save
     and restore that state exactly for resume. ``loss_fn(net, images, labels, augment_pipe, generator)`` does a
     whole draw, evaluation and observation on a batch. ``draws_on_model_grid`` declares a loss that draws its
-    levels on the denoiser's own step grid.
+    levels on the denoiser's own step grid; ``reports_per_sample`` one whose values are reported per sample (the
+    sum over a sample's elements, as its original reports them) rather than per element (EDM's Loss/loss).
     """
 
     name: ClassVar[str]
     draws_on_model_grid: ClassVar[bool] = False
+    reports_per_sample: ClassVar[bool] = False
 
     def draw_variates(self, batch: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
         raise NotImplementedError
@@ -409,6 +411,7 @@ class DiscreteDiffusionLoss(TrainingLoss):
     """
 
     draws_on_model_grid: ClassVar[bool] = True
+    reports_per_sample: ClassVar[bool] = True  # the original's terms are per-sample means over the elements
     needs_learned_variance: ClassVar[bool | None]  # True: required; False: refused; None: either
 
     schedule_sampler: str
@@ -453,13 +456,13 @@ class DiscreteDiffusionLoss(TrainingLoss):
         grid = net.step_grid
         if grid is None:
             raise ConfigError(f"loss {self.name!r} trains on a model's own discrete step grid and "
-                              f"{type(net).__name__} has none (continuous noise levels); use a discrete backbone "
-                              "(improved-diffusion's, with its diffusion_steps and noise_schedule) or a continuous "
-                              "loss (edm, vp, ve, iddpm)")
+                              f"{type(net).__name__} has none (continuous noise levels); use a discrete model "
+                              "(improved-/guided-diffusion's, edm train --arch iddpm|guided) or a continuous loss "
+                              "(edm, vp, ve, iddpm)")
         if self.needs_learned_variance and not net.learned_variance:
             raise ConfigError(f"loss {self.name!r} trains a learned variance but the model predicts none; use a "
-                              "backbone with learned variance (improved-diffusion's learn_sigma True) or loss "
-                              "iddpm-simple")
+                              "model with learned variance (the flag --learn_sigma True of improved-/guided-diffusion) "
+                              "or loss iddpm-simple")
         if self.needs_learned_variance is False and net.learned_variance:
             raise ConfigError(f"loss {self.name!r} would leave the model's learned variance untrained; use loss "
                               "iddpm-hybrid (or iddpm-kl), or a backbone without learned variance (learn_sigma "

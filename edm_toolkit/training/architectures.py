@@ -149,9 +149,13 @@ def openai_flags(arch: str, model_flags: str | None, *, resolution: int, cond: b
         raise ConfigError("--model-flags: timestep_respacing is a sampling option; training covers all "
                           f"{complete['diffusion_steps']} steps (respace with 'edm generate --solver ddpm')")
     try:
-        OpenAIDiffusion.from_flags(complete)
+        betas = OpenAIDiffusion.from_flags(complete).betas
     except (ConfigError, ValueError) as exc:
         raise ConfigError(f"--model-flags: {exc}") from None
+    if not bool((betas < 1).all()):
+        raise ConfigError(f"the {complete['noise_schedule']} schedule of {complete['diffusion_steps']} steps has beta_t "
+                          f">= 1 (the linear schedule scales beta by 1000/T: it needs T > 20); use more steps or "
+                          "--noise-schedule cosine")
     return complete
 
 

@@ -733,7 +733,7 @@ class Trainer(TrainingRun):
                                         augment_labels if self.augment_pipe is not None else None)
         losses = total_of(terms)
         loss = losses * weight
-        meters.add("Loss/loss", loss)
+        meters.add("Loss/loss", loss.detach().flatten(1).sum(dim=1) if self.loss.reports_per_sample else loss)
         for name in self.term_names:  # per sample, weighted, as the original logs its terms
             meters.add(f"Loss/{name}", (terms[name].detach() * weight).flatten(1).sum(dim=1))
         self._observed.append((sigma.detach(), losses.detach().flatten(1).sum(dim=1)))
