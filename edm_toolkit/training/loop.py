@@ -255,6 +255,11 @@ class TrainingRun:
     def _summary_lines(self) -> list[str]:
         return []
 
+    def _no_labels(self) -> str:
+        """The message for a dataset without the labels the run needs."""
+        return (f"--cond 1 needs class labels, but the dataset {self.options.data!r} has none (dataset.json without "
+                "'labels'); use --cond 0 or a labelled dataset")
+
     def _options_record(self) -> dict[str, Any]:
         return dict(self.options.to_dict(), seed=self.seed)
 
@@ -282,8 +287,7 @@ class TrainingRun:
         # Dataset.
         source = self.dataset if self.dataset is not None else open_dataset(o)
         if o.cond and not source.has_labels:
-            raise ConfigError(f"--cond 1 needs class labels, but the dataset {o.data!r} has none "
-                              "(dataset.json without 'labels'); use --cond 0 or a labelled dataset")
+            raise ConfigError(self._no_labels())
         if len(source) < 1:
             raise ConfigError(f"the dataset {o.data!r} holds no images")
         self.source = source

@@ -38,8 +38,28 @@ def metric_images(name: str) -> int:
     return count
 
 
+class OptionsRecord:
+    """What every training's options have besides their fields: the image count, replace, plain data and JSON."""
+
+    duration: float  # Mimg
+
+    @property
+    def total_nimg(self) -> int:
+        return max(int(round(self.duration * 1e6)), 1)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: list(value) if isinstance(value, tuple) else value
+                for key, value in dataclasses.asdict(self).items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
 @dataclass(frozen=True)
-class TrainingOptions:
+class TrainingOptions(OptionsRecord):
     """One training run. Defaults are EDM train.py's (CIFAR-10 DDPM++ with EDM preconditioning and loss)."""
 
     data: str
@@ -166,22 +186,6 @@ class TrainingOptions:
 
         return self.arch in OPENAI_ARCHITECTURES
 
-    @property
-    def total_nimg(self) -> int:
-        return max(int(round(self.duration * 1e6)), 1)
-
-    def replace(self, **changes) -> "TrainingOptions":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        for key in ("cres", "phema", "grid_seeds", "metrics"):
-            if data[key] is not None:
-                data[key] = list(data[key])
-        return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 def _finite(value) -> bool:
