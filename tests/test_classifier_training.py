@@ -134,6 +134,8 @@ def test_classifier_files_and_errors(data, snapshot, tmp_path):
     save_model(IdealDenoiser(torch.zeros(2, 1, 8, 8, dtype=torch.float64)), tmp_path / "ideal.pt")
     with pytest.raises(CheckpointError, match="holds a 'ideal' model, not a noisy classifier"):
         load_openai_classifier(tmp_path / "ideal.pt")
+    inspected = edm("inspect", snapshot)
+    assert inspected.exit_code == 0 and "openai-classifier" in inspected.stdout, inspected.output
     options = json.loads((snapshot.parent / "training_options.json").read_text())
     assert options["lr"] == 1e-3 and options["weight_decay"] == 0.05 and options["flags"]["image_size"] == 8
 

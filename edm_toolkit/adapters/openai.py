@@ -217,8 +217,12 @@ class OpenAIClassifier(nn.Module):
         self.family = FAMILIES["guided"]
         self.num_classes = model.out_channels
         self.img_resolution = model.image_size
+        self.img_channels = model.in_channels
         self.step_grid = StepGrid(diffusion.alphas_cumprod)
         self.register_buffer("grid_sigmas", diffusion.sigmas, persistent=False)  # on the network's device
+        # What a file summary shows (edm inspect): the classes it tells apart and the noise range of its grid.
+        self.label_dim = self.num_classes
+        self.sigma_min, self.sigma_max = float(diffusion.sigmas[0]), float(diffusion.sigmas[-1])
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.model(x_t, self.diffusion.scale_timesteps(torch.as_tensor(timesteps, device=x_t.device)))
