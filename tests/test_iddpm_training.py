@@ -180,9 +180,11 @@ def test_flag_semantics_choose_the_loss(data, tmp_path):
         outdir = tmp_path / f"run{i}"
         result = edm("train", "--outdir", outdir, "--data", data, "--arch", "iddpm", "--model-flags", TINY_FLAGS + extra,
                      "--diffusion-steps", 10, "--noise-schedule", "cosine", "--batch", 4, "--duration", 4e-6, "--tick", 0.004, "--workers", 0,
-                     "--seed", 1, "--nosubdir", "--schedule-sampler", "loss-second-moment")
+                     "--seed", 1, "--nosubdir", "--schedule-sampler", "loss-second-moment", "--ema-rampup", 0)
         assert result.exit_code == 0, result.output
-        loss = json.loads((outdir / "training_options.json").read_text())["loss_params"]
+        options = json.loads((outdir / "training_options.json").read_text())
+        assert options["ema_rampup"] is None and options["dropout"] is None and options["augment"] is None
+        loss = options["loss_params"]
         assert loss["name"] == name and loss["schedule_sampler"] == "loss-second-moment", loss
         assert params.items() <= loss.items(), loss
         net = load_model(outdir / "network-snapshot-000000.pt")
@@ -201,6 +203,7 @@ def test_flag_semantics_choose_the_loss(data, tmp_path):
     (["--model-flags", TINY_FLAGS + " --diffusion_steps 20", "--diffusion-steps", "50"], "contradicts"),
     (["--model-flags", TINY_FLAGS + " --large_size 8"], "--small_size"),
     (["--model-flags", TINY_FLAGS, "--diffusion-steps", "10"], "T > 20"),
+    (["--model-flags", TINY_FLAGS + " --batch_size 128"], "use --batch"),
 ])
 def test_bad_combinations_are_one_line_errors(data, tmp_path, args, fragment):
     result = edm("train", "--outdir", tmp_path / "runs", "--data", data, "--arch", "iddpm", "--batch", 4,

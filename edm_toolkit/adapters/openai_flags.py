@@ -22,6 +22,7 @@ from ..networks.openai_unet import EncoderUNetModel, SuperResModel, UNetModel
 __all__ = [
     "NUM_CLASSES",
     "RELEASED_CHECKPOINTS",
+    "SCRIPT_FLAGS",
     "classifier_defaults",
     "classifier_from_flags",
     "create_classifier",
@@ -120,6 +121,9 @@ _SCRIPT_FLAG_DEFAULTS = dict(
     large_size=256,
     small_size=64,
 )
+
+SCRIPT_FLAGS = frozenset(_SCRIPT_FLAG_DEFAULTS) - {"large_size", "small_size"}
+"""Flags of the original scripts that describe a run, not a model (batch size, paths, sampling options)."""
 
 # channel_mult by image size when the channel_mult flag is empty.
 _CHANNEL_MULT = {

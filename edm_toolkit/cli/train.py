@@ -103,8 +103,8 @@ def _architectures():
 @click.option("--lr-rampup", type=click.FloatRange(min=0), default=10000, metavar="KIMG",
               help="Learning-rate ramp-up duration (EDM: 10000)")
 @click.option("--ema", type=click.FloatRange(min=0), default=0.5, metavar="MIMG", help="EMA half-life")
-@click.option("--ema-rampup", type=click.FloatRange(min=0, min_open=True), default=0.05, metavar="FLOAT",
-              help="EMA ramp-up ratio: half-life at most this fraction of the images seen (off with --transfer)")
+@click.option("--ema-rampup", type=click.FloatRange(min=0), default=0.05, metavar="FLOAT",
+              help="EMA ramp-up ratio: half-life at most this fraction of the images seen (0 or --transfer: off)")
 @click.option("--phema", type=_List(_float_list, "LIST"), default=None, metavar="LIST",
               help="Also track power-function EMAs of these widths sigma_rel (EDM2: 0.05,0.10) for 'edm phema'")
 @click.option("--dropout", type=click.FloatRange(min=0, max=1), default=None, metavar="FLOAT",
@@ -148,7 +148,7 @@ def _architectures():
 @click.option("--detector", default=None, metavar="PATH",
               help="FID Inception weights for --metrics  [default: $EDM_TOOLKIT_FID_DETECTOR, else the fid extra]")
 @click.option("-n", "--dry-run", is_flag=True, help="Print training options and exit")
-def train(fp16, precision, compile_net, net_opts, dry_run, phema, metrics, **options):
+def train(fp16, precision, compile_net, net_opts, dry_run, phema, metrics, ema_rampup, **options):
     """Train a diffusion model (EDM train.py's options and defaults; any loss, preconditioner and backbone).
 
     \b
@@ -167,7 +167,7 @@ def train(fp16, precision, compile_net, net_opts, dry_run, phema, metrics, **opt
         raise click.UsageError(f"--fp16 1 contradicts --precision {precision}; give one of them")
     metric_names = tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics else ()
     trainer = Trainer(TrainingOptions(**options, precision=precision, compile=compile_net, net_opts=_net_opts(net_opts),
-                                      phema=phema or (), metrics=metric_names))
+                                      phema=phema or (), metrics=metric_names, ema_rampup=ema_rampup or None))
     if dry_run:
         trainer.dry_run()
     else:

@@ -23,8 +23,8 @@ from typing import Any, Mapping
 from torch import nn
 
 from ..adapters.openai import OpenAIDenoiser, OpenAIDiffusion
-from ..adapters.openai_flags import (NUM_CLASSES, model_and_diffusion_defaults, model_from_flags, parse_model_flags,
-                                     sr_model_and_diffusion_defaults)
+from ..adapters.openai_flags import (NUM_CLASSES, SCRIPT_FLAGS, model_and_diffusion_defaults, model_from_flags,
+                                     parse_model_flags, sr_model_and_diffusion_defaults)
 from ..errors import ConfigError
 from ..losses import LOSSES, DiscreteDiffusionLoss
 from ..networks import dhariwal_unet, song_unet
@@ -122,6 +122,7 @@ def openai_flags(arch: str, model_flags: str | None, *, resolution: int, cond: b
         given = parse_model_flags(model_flags or "")
     except ValueError as exc:
         raise ConfigError(f"--model-flags: {exc}") from None
+    check_model_flags(given)
     for option, flag, value in (("--noise-schedule", "noise_schedule", noise_schedule),
                                 ("--diffusion-steps", "diffusion_steps", diffusion_steps),
                                 ("--dropout", "dropout", dropout)):
@@ -157,6 +158,15 @@ def openai_flags(arch: str, model_flags: str | None, *, resolution: int, cond: b
                           f">= 1 (the linear schedule scales beta by 1000/T: it needs T > 20); use more steps or "
                           "--noise-schedule cosine")
     return complete
+
+
+def check_model_flags(given: Mapping[str, Any]) -> None:
+    """Refuses the flags of the original scripts that describe a run rather than a model (``--batch_size`` of
+    TRAIN_FLAGS, sampling options), which the options of the toolkit's command set instead."""
+    script = sorted(set(given) & SCRIPT_FLAGS)
+    if script:
+        fix = "use --batch" if script[0] == "batch_size" else "drop it"
+        raise ConfigError(f"--model-flags: --{script[0]} is a flag of the original scripts, not of the model; {fix}")
 
 
 def is_upsampler(flags: Mapping[str, Any]) -> bool:

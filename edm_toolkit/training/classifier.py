@@ -34,7 +34,7 @@ from ..checkpoints import save_model
 from ..errors import ConfigError
 from ..formats import model_config
 from ..losses import UniformStepSampler
-from .architectures import parameter_count
+from .architectures import check_model_flags, parameter_count
 from .loop import Meters, TrainingRun
 from .options import PRECISIONS, OptionsRecord
 from .samples import ImageSource
@@ -114,6 +114,7 @@ def classifier_flags(model_flags: str | None, *, resolution: int, noise_schedule
         given = parse_model_flags(model_flags or "")
     except ValueError as exc:
         raise ConfigError(f"--model-flags: {exc}") from None
+    check_model_flags(given)
     for option, flag, value in (("--noise-schedule", "noise_schedule", noise_schedule),
                                 ("--diffusion-steps", "diffusion_steps", diffusion_steps)):
         if value is not None:
