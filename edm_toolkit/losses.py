@@ -461,8 +461,8 @@ class DiscreteDiffusionLoss(TrainingLoss):
                               "(edm, vp, ve, iddpm)")
         if self.needs_learned_variance and not net.learned_variance:
             raise ConfigError(f"loss {self.name!r} trains a learned variance but the model predicts none; use a "
-                              "backbone with learned variance (the flag --learn_sigma True of improved-/guided-diffusion) "
-                              "or loss iddpm-simple")
+                              "backbone with learned variance (the flag --learn_sigma True of "
+                              "improved-/guided-diffusion) or loss iddpm-simple")
         if self.needs_learned_variance is False and net.learned_variance:
             raise ConfigError(f"loss {self.name!r} would leave the model's learned variance untrained; use loss "
                               "iddpm-hybrid (or iddpm-kl), or a backbone without learned variance (learn_sigma "

@@ -149,14 +149,15 @@ def test_trained_model_is_a_first_class_checkpoint(data, hybrid_run, tmp_path):
 def test_loss_second_moment_resumes_exactly(data, tmp_path):
     """T = 8 steps: after 16 steps of 8 images every step holds its 10 losses (importance sampling is on); a run
     stopped there and resumed to 24 steps ends bit-identical to an uninterrupted one, schedule sampler included."""
-    common = dict(model_flags=TINY_FLAGS, diffusion_steps=8, noise_schedule="cosine", schedule_sampler="loss-second-moment",
-                  tick=0.008, snap=100, dump=1, dropout=0.0, seed=3)
+    common = dict(model_flags=TINY_FLAGS, diffusion_steps=8, noise_schedule="cosine",
+                  schedule_sampler="loss-second-moment", tick=0.008, snap=100, dump=1, dropout=0.0, seed=3)
     reference = train(iddpm_options(data, tmp_path / "reference", steps=24, **common))
     train(iddpm_options(data, tmp_path / "resumed", steps=16, **common))
     middle = load_state(tmp_path / "resumed" / "training-state-000000.pt")
     sampler = LossSecondMomentSampler(8)
     sampler.load_state_dict(middle["loss"])
-    assert middle["nimg"] == 128 and sampler.warmed_up, middle["loss"]["loss_counts"]  # the second half draws by sqrt(E[L_t^2])
+    # the second half draws by sqrt(E[L_t^2])
+    assert middle["nimg"] == 128 and sampler.warmed_up, middle["loss"]["loss_counts"]
     assert float(sampler.probabilities().max() / sampler.probabilities().min()) > 1.5
     train(iddpm_options(data, tmp_path / "resumed", steps=24, resume="auto", **common))
     expected = load_state(reference / "training-state-000000.pt")
@@ -178,8 +179,9 @@ def test_flag_semantics_choose_the_loss(data, tmp_path):
              " --predict_xstart True": ("iddpm-simple", {"predict_xstart": True})}
     for i, (extra, (name, params)) in enumerate(cases.items()):
         outdir = tmp_path / f"run{i}"
-        result = edm("train", "--outdir", outdir, "--data", data, "--arch", "iddpm", "--model-flags", TINY_FLAGS + extra,
-                     "--diffusion-steps", 10, "--noise-schedule", "cosine", "--batch", 4, "--duration", 4e-6, "--tick", 0.004, "--workers", 0,
+        result = edm("train", "--outdir", outdir, "--data", data, "--arch", "iddpm", "--model-flags",
+                     TINY_FLAGS + extra, "--diffusion-steps", 10, "--noise-schedule", "cosine", "--batch", 4,
+                     "--duration", 4e-6, "--tick", 0.004, "--workers", 0,
                      "--seed", 1, "--nosubdir", "--schedule-sampler", "loss-second-moment", "--ema-rampup", 0)
         assert result.exit_code == 0, result.output
         options = json.loads((outdir / "training_options.json").read_text())

@@ -46,7 +46,8 @@ def detector_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def net():
     """The exact denoiser of 6 random 8x8 grayscale images."""
-    return IdealDenoiser(torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1)
+    data = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return IdealDenoiser(data * 2 - 1)
 
 
 def statistics_of(detector, images: np.ndarray) -> FIDStatistics:
@@ -100,8 +101,8 @@ def test_torchrun_shards_give_the_same_statistics(net, detector_file, tmp_path):
         "shutdown()\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path / "data.pt"),
-                           str(detector_file[0]), str(tmp_path / "two.npz")],
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path / "data.pt"), str(detector_file[0]), str(tmp_path / "two.npz")],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     two = FIDStatistics.load(tmp_path / "two.npz")
@@ -115,7 +116,8 @@ def test_in_training_fid_per_snapshot(detector_file, tmp_path):
     seeds 0-1) against REF, in metric-fid2.jsonl (StyleGAN's/EDM2's record) and as Metrics/fid2 in that tick's
     stats.jsonl line; the value is the FID of the snapshot file's images."""
     data = make_dataset(tmp_path / "data", n=3)
-    assert edm("fid", "ref", "--data", data, "--dest", tmp_path / "ref.npz", "--detector", detector_file[0]).exit_code == 0
+    reference = edm("fid", "ref", "--data", data, "--dest", tmp_path / "ref.npz", "--detector", detector_file[0])
+    assert reference.exit_code == 0, reference.output
     result = short_run(data, tmp_path / "run", "--nosubdir", "--metrics", "fid2", "--ref", tmp_path / "ref.npz",
                        "--detector", detector_file[0], "--snap", 2, steps=3)
     assert result.exit_code == 0, result.output
@@ -138,7 +140,8 @@ def test_metric_options_are_checked_before_anything_is_written(detector_file, tm
     out = tmp_path / "runs"
     fails_cleanly(short_run(data, out, "--metrics", "fid2"), "--metrics needs --ref")
     fails_cleanly(short_run(data, out, "--ref", tmp_path / "ref.npz"), "add --metrics")
-    fails_cleanly(short_run(data, out, "--metrics", "is50k", "--ref", tmp_path / "ref.npz"), "unknown --metrics 'is50k'")
+    fails_cleanly(short_run(data, out, "--metrics", "is50k", "--ref", tmp_path / "ref.npz"),
+                  "unknown --metrics 'is50k'")
     fails_cleanly(short_run(data, out, "--metrics", "fid2", "--ref", tmp_path / "missing.npz",
                             "--detector", detector_file[0]), "missing.npz")
     np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))

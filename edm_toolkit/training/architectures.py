@@ -154,9 +154,9 @@ def openai_flags(arch: str, model_flags: str | None, *, resolution: int, cond: b
     except (ConfigError, ValueError) as exc:
         raise ConfigError(f"--model-flags: {exc}") from None
     if not bool((betas < 1).all()):
-        raise ConfigError(f"the {complete['noise_schedule']} schedule of {complete['diffusion_steps']} steps has beta_t "
-                          f">= 1 (the linear schedule scales beta by 1000/T: it needs T > 20); use more steps or "
-                          "--noise-schedule cosine")
+        raise ConfigError(f"the {complete['noise_schedule']} schedule of {complete['diffusion_steps']} steps has "
+                          "beta_t >= 1 (the linear schedule scales beta by 1000/T: it needs T > 20); use more "
+                          "steps or --noise-schedule cosine")
     return complete
 
 

@@ -248,11 +248,10 @@ class ClassifierTrainer(TrainingRun):
         return model_config(self.net)
 
     def _summary_lines(self) -> list[str]:
-        o, f = self.options, self.flags
+        o, f, R = self.options, self.flags, self.source.resolution
         return [
             f"Dataset:                 {o.data if self.dataset is None else self.source.name} "
-            f"({len(self.source)} images, {self.source.num_channels}x{self.source.resolution}x{self.source.resolution}, "
-            f"{self.label_dim} classes)",
+            f"({len(self.source)} images, {self.source.num_channels}x{R}x{R}, {self.label_dim} classes)",
             f"Classifier:              EncoderUNetModel (width {f['classifier_width']}, depth {f['classifier_depth']}, "
             f"{f['classifier_pool']} pool), {parameter_count(self.net):,} parameters",
             f"Diffusion:               {f['noise_schedule']} schedule, T = {f['diffusion_steps']}, t uniform",

@@ -686,7 +686,7 @@ class Trainer(TrainingRun):
             shutdown()
 
     def _summary_lines(self) -> list[str]:
-        o = self.options
+        o, R = self.options, self.source.resolution
         if self.flags is not None:
             kind = "upsampler" if self.low_res_size is not None else "model"
             network = f"{o.arch} ({type(self.net.model).__name__}, {kind} of {OPENAI_ARCHITECTURES[o.arch]}-diffusion)"
@@ -698,7 +698,7 @@ class Trainer(TrainingRun):
             design = f"Preconditioning, loss:   {self.precond.name}, {self.loss.name}"
         return [
             f"Dataset:                 {o.data if self.dataset is None else self.source.name} "
-            f"({len(self.source)} images, {self.source.num_channels}x{self.source.resolution}x{self.source.resolution})",
+            f"({len(self.source)} images, {self.source.num_channels}x{R}x{R})",
             f"Class-conditional:       {o.cond} (label_dim {self.label_dim}, label dropout {o.cond_drop})",
             f"Network:                 {network}, {parameter_count(self.net):,} parameters",
             design,
