@@ -57,12 +57,14 @@ class TrainingLoss:
     and restore that state exactly for resume. ``loss_fn(net, images, labels, augment_pipe, generator)`` does a
     whole draw, evaluation and observation on a batch. ``draws_on_model_grid`` declares a loss that draws its
     levels on the denoiser's own step grid; ``reports_per_sample`` one whose values are reported per sample (the
-    sum over a sample's elements, as its original reports them) rather than per element (EDM's Loss/loss).
+    sum over a sample's elements, as its original reports them) rather than per element (EDM's Loss/loss);
+    ``term_names`` the keys of :meth:`element_terms`.
     """
 
     name: ClassVar[str]
     draws_on_model_grid: ClassVar[bool] = False
     reports_per_sample: ClassVar[bool] = False
+    term_names: ClassVar[tuple[str, ...]] = ("loss",)
 
     def draw_variates(self, batch: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
         raise NotImplementedError
@@ -534,6 +536,7 @@ class IDDPMSimpleLoss(DiscreteDiffusionLoss):
     original's MSE losses without learned sigmas (loss = mse; the variance is the grid's 'small' or 'large')."""
 
     name: ClassVar[str] = "iddpm-simple"
+    term_names: ClassVar[tuple[str, ...]] = ("mse",)
     needs_learned_variance: ClassVar[bool | None] = False
     predict_xstart: bool = False
     schedule_sampler: str = "uniform"
@@ -555,6 +558,7 @@ class IDDPMHybridLoss(DiscreteDiffusionLoss):
     0.001 for T = 1000), else 1 (MSE)."""
 
     name: ClassVar[str] = "iddpm-hybrid"
+    term_names: ClassVar[tuple[str, ...]] = ("mse", "vb")
     needs_learned_variance: ClassVar[bool | None] = True
     predict_xstart: bool = False
     rescale_learned_sigmas: bool = True

@@ -599,16 +599,7 @@ class Trainer(TrainingRun):
         rampup = None if o.transfer is not None else o.ema_rampup
         self.ema = HalfLifeEMA(self.net, o.ema * 1e6, rampup)
         self.power_ema = PowerFunctionEMA(self.net, o.phema) if o.phema else None
-        self.term_names = [name for name in self._terms_of_loss() if name != "loss"]
-
-    def _terms_of_loss(self) -> list[str]:
-        """The names of the loss's terms, from one evaluation on a zero image (before any training)."""
-        inputs, extra = self._summary_inputs()
-        x, _, labels = inputs
-        sigma = torch.full([1, 1, 1, 1], float(self.net.round_sigma(torch.ones([]))), device=self.device)
-        with torch.no_grad():
-            return list(self.loss.element_terms(self._bound(self.net, x), x, sigma, torch.zeros_like(x), labels,
-                                                extra.get("augment_labels")))
+        self.term_names = [name for name in self.loss.term_names if name != "loss"]  # reported beside Loss/loss
 
     def _model_config(self) -> dict[str, Any]:
         return model_config(self.net) if self.flags is not None else denoiser_config(self.net)
