@@ -94,7 +94,7 @@ def test_beats_chance_on_noisy_inputs_at_mid_t(data, snapshot):
     x_t = abar.sqrt() * images[index] + (1 - abar).sqrt() * noise
     with torch.no_grad():
         accuracy = float((classifier(x_t, t).argmax(dim=1) == labels[index]).float().mean())
-    assert accuracy >= 0.9, accuracy  # chance: 0.5
+    assert accuracy >= 0.9, accuracy  # chance: 0.5; measured 1.0 (0.94 at t = 3T/4)
 
 
 def test_guidance_raises_the_classifiers_accuracy_on_samples(data, snapshot, tmp_path):
