@@ -31,27 +31,99 @@ from .schedules import vp_sigma
 
 __all__ = ["LOSSES", "STEP_SAMPLERS", "DenoisingLoss", "DiscreteDiffusionLoss", "EDMLoss", "IDDPMHybridLoss",
            "IDDPMKLLoss", "IDDPMLoss", "IDDPMSimpleLoss", "LossSecondMomentSampler", "StepSampler", "TrainingLoss",
-           "UniformStepSampler", "VELoss", "VPLoss"]
+           "UniformStepSampler", "VELoss", "VPLoss", "total_of"]
 
 LOSSES: Registry["TrainingLoss"] = Registry("loss")
 
 
 class TrainingLoss:
-    """What a training loop sees of a loss: ``loss_fn(net, images, labels=None, augment_pipe=None,
-    generator=None)`` returns the per-element loss [N, C, H, W] of a fresh draw, whose sum over the batch divided
-    by its size is the objective. ``draws_on_model_grid`` declares a loss that draws its noise levels on the
-    denoiser's own step grid (and may keep state between calls, :meth:`state_dict`) instead of from
-    ``sample_sigma``."""
+    """What a training loop sees of a loss: one interface for every registered loss.
+
+    A draw of noise levels is split in two, so that a loop can make the random part per sample in its data
+    workers (from each image's own generator, before any other draw of that image) and the state-dependent part
+    at step time:
+
+    * :meth:`draw_variates` ``(batch, generator, device) -> variates [batch, 1, 1, 1]``: the random numbers, a
+      function of the generator only;
+    * :meth:`noise_levels` ``(net, variates) -> (sigma, weight)``: the noise levels sigma [batch, 1, 1, 1] and
+      the loss weights [batch, 1, 1, 1] they get (importance weights 1/(T p_t) of a schedule sampler; 1 for a
+      loss that draws sigma from a fixed p_train), from the loss's current state;
+    * :meth:`draw` is both at once.
+
+    :meth:`element_terms` evaluates the loss's named terms per element for given clean images y, levels sigma
+    and noise n (standard deviation sigma); :meth:`loss` is their sum, whose sum over a sample's elements is its
+    loss (the objective is ``(loss * weight).sum() / batch``). :meth:`observe` feeds the unweighted losses of a
+    step back to a stateful loss (every process's, gathered); :meth:`state_dict` / :meth:`load_state_dict` save
+    and restore that state exactly for resume. ``loss_fn(net, images, labels, augment_pipe, generator)`` does a
+    whole draw, evaluation and observation on a batch. ``draws_on_model_grid`` declares a loss that draws its
+    levels on the denoiser's own step grid; ``reports_per_sample`` one whose values are reported per sample (the
+    sum over a sample's elements, as its original reports them) rather than per element (EDM's Loss/loss);
+    ``term_names`` the keys of :meth:`element_terms`.
+    """
 
     name: ClassVar[str]
     draws_on_model_grid: ClassVar[bool] = False
+    reports_per_sample: ClassVar[bool] = False
+    term_names: ClassVar[tuple[str, ...]] = ("loss",)
+
+    def draw_variates(self, batch: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
+        raise NotImplementedError
+
+    def noise_levels(self, net, variates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def draw(self, net, batch: int, generator: torch.Generator | None = None, device="cpu"):
+        """(sigma [batch, 1, 1, 1] float32, weight [batch, 1, 1, 1] float32) of a fresh draw."""
+        return self.noise_levels(net, self.draw_variates(batch, generator, device))
+
+    def check_model(self, net) -> None:
+        """Refuses, with the fix, a denoiser that this loss cannot train (nothing by default)."""
+
+    def element_terms(self, net, y, sigma, n, labels=None, augment_labels=None) -> dict[str, torch.Tensor]:
+        """The loss's named terms per element [N, C, H, W] (before the loss weights)."""
+        raise NotImplementedError
+
+    def loss(self, net, y, sigma, n, labels=None, augment_labels=None) -> torch.Tensor:
+        """The per-element loss (before the loss weights): the sum of :meth:`element_terms`."""
+        return total_of(self.element_terms(net, y, sigma, n, labels, augment_labels))
+
+    def observe(self, net, sigma: torch.Tensor, losses: torch.Tensor) -> None:
+        """Feeds the per-element losses [N, ...] (unweighted) of levels sigma to a stateful loss (a no-op here)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The loss's state between steps (plain tensors; empty for a stateless loss)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restores :meth:`state_dict`; a stateless loss takes only an empty state."""
+        if state:
+            raise ConfigError(f"loss {self.name!r} keeps no state, but the saved state holds {sorted(state)[:3]}; "
+                              "resume with the loss it was saved with")
 
     def __call__(self, net, images, labels=None, augment_pipe=None, generator: torch.Generator | None = None):
-        raise NotImplementedError
+        """Per-element loss [N, C, H, W] of a fresh draw, weighted, in the draw order: the noise levels, then the
+        augmentation ``augment_pipe(images, generator=generator) -> (y, augment_labels)`` (e.g.
+        ``edm_toolkit.training.augment.AugmentPipe``), then the noise n; from ``generator``, or the global RNG when
+        None (then ``torch.manual_seed(s)`` reproduces EDM's loss call). The unweighted losses are observed."""
+        sigma, weight = self.draw(net, images.shape[0], generator, images.device)
+        y, augment_labels = (images, None) if augment_pipe is None else augment_pipe(images, generator=generator)
+        n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype) * sigma
+        losses = self.loss(net, y, sigma, n, labels, augment_labels)
+        self.observe(net, sigma, losses)
+        return losses * weight
+
+
+def total_of(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The sum of a loss's terms (a single term is returned as it is)."""
+    values = list(terms.values())
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total
 
 
 class DenoisingLoss(TrainingLoss):
-    """lambda(sigma) (D(y + n; sigma) - y)^2 with sigma ~ p_train."""
+    """lambda(sigma) (D(y + n; sigma) - y)^2 with sigma ~ p_train: the variates are sigma itself, every weight 1."""
 
     def sample_sigma(self, batch: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
         """Draws sigma ~ p_train, shaped [batch, 1, 1, 1] (float32, as EDM)."""
@@ -60,22 +132,18 @@ class DenoisingLoss(TrainingLoss):
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(self, net, images, labels=None, augment_pipe=None, generator: torch.Generator | None = None):
-        """Per-element loss [N, C, H, W] of a freshly drawn sigma and noise, in EDM's draw order: sigma, then the
-        augmentation ``augment_pipe(images, generator=generator) -> (y, augment_labels)`` (e.g.
-        ``edm_toolkit.training.augment.AugmentPipe``), then the noise n. From ``generator``, or the global RNG
-        when None (then ``torch.manual_seed(s)`` reproduces EDM's loss call)."""
-        sigma = self.sample_sigma(images.shape[0], generator, images.device)
-        y, augment_labels = (images, None) if augment_pipe is None else augment_pipe(images, generator=generator)
-        n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype) * sigma
-        return self.loss(net, y, sigma, n, labels, augment_labels)
+    def draw_variates(self, batch, generator=None, device="cpu"):
+        return self.sample_sigma(batch, generator, device)
 
-    def loss(self, net, y, sigma, n, labels=None, augment_labels=None) -> torch.Tensor:
-        """lambda(sigma) (D(y + n; sigma) - y)^2 per element for given clean images y, noise levels sigma
+    def noise_levels(self, net, variates):
+        return variates, torch.ones_like(variates)
+
+    def element_terms(self, net, y, sigma, n, labels=None, augment_labels=None):
+        """{'loss': lambda(sigma) (D(y + n; sigma) - y)^2} per element for given clean images y, noise levels sigma
         [N, 1, 1, 1] and noise n (standard deviation sigma); augment labels, when given, go to the network."""
         extra = {} if augment_labels is None else {"augment_labels": augment_labels}
         D_yn = net(y + n, sigma, labels, **extra)
-        return self.weight(sigma) * (D_yn - y) ** 2
+        return {"loss": self.weight(sigma) * (D_yn - y) ** 2}
 
 
 def _uniform(batch, generator, device):
@@ -345,6 +413,7 @@ class DiscreteDiffusionLoss(TrainingLoss):
     """
 
     draws_on_model_grid: ClassVar[bool] = True
+    reports_per_sample: ClassVar[bool] = True  # the original's terms are per-sample means over the elements
     needs_learned_variance: ClassVar[bool | None]  # True: required; False: refused; None: either
 
     schedule_sampler: str
@@ -389,49 +458,41 @@ class DiscreteDiffusionLoss(TrainingLoss):
         grid = net.step_grid
         if grid is None:
             raise ConfigError(f"loss {self.name!r} trains on a model's own discrete step grid and "
-                              f"{type(net).__name__} has none (continuous noise levels); use a discrete backbone "
-                              "(improved-diffusion's, with its diffusion_steps and noise_schedule) or a continuous "
-                              "loss (edm, vp, ve, iddpm)")
+                              f"{type(net).__name__} has none (continuous noise levels); use a discrete model "
+                              "(improved-/guided-diffusion's, edm train --arch iddpm|guided) or a continuous loss "
+                              "(edm, vp, ve, iddpm)")
         if self.needs_learned_variance and not net.learned_variance:
             raise ConfigError(f"loss {self.name!r} trains a learned variance but the model predicts none; use a "
-                              "backbone with learned variance (improved-diffusion's learn_sigma True) or loss "
-                              "iddpm-simple")
+                              "backbone with learned variance (the flag --learn_sigma True of "
+                              "improved-/guided-diffusion) or loss iddpm-simple")
         if self.needs_learned_variance is False and net.learned_variance:
             raise ConfigError(f"loss {self.name!r} would leave the model's learned variance untrained; use loss "
                               "iddpm-hybrid (or iddpm-kl), or a backbone without learned variance (learn_sigma "
                               "False)")
         return grid
 
-    def draw(self, net, batch: int, generator: torch.Generator | None = None, device="cpu"):
-        """(sigma [batch, 1, 1, 1] float32, weight [batch, 1, 1, 1] float32): grid levels sigma_t with t ~ p_t of
-        the schedule sampler, and their loss weights 1/(T p_t)."""
+    def check_model(self, net) -> None:
+        self.grid_of(net)
+
+    def draw_variates(self, batch, generator=None, device="cpu"):
+        """Uniform draws u in [0, 1) (float64 [batch, 1, 1, 1]); :meth:`noise_levels` turns them into steps by the
+        schedule sampler's distribution at that time (the numbers ``StepSampler.sample`` draws)."""
+        return torch.rand([batch, 1, 1, 1], generator=generator, device=device, dtype=torch.float64)
+
+    def noise_levels(self, net, variates):
+        """(sigma [batch, 1, 1, 1] float32, weight [batch, 1, 1, 1] float32): grid levels sigma_t with t the inverse
+        CDF of the schedule sampler's p_t at the variates, and their loss weights 1/(T p_t)."""
         grid = self.grid_of(net)
-        t, weight = self.step_sampler(grid).sample(batch, generator, device)
-        sigma = grid.sigmas.to(device)[t].to(torch.float32)
+        t, weight = self.step_sampler(grid).steps_of(variates.reshape(-1))
+        sigma = grid.sigmas.to(variates.device)[t].to(torch.float32)
         return sigma.reshape(-1, 1, 1, 1), weight.reshape(-1, 1, 1, 1)
 
     def observe(self, net, sigma: torch.Tensor, losses: torch.Tensor) -> None:
-        """Feeds the per-element losses [N, ...] (unweighted) of levels sigma to the schedule sampler."""
+        """Feeds the per-element losses [N, ...] (unweighted) of levels sigma to the schedule sampler (gathered
+        across processes when torch.distributed runs: call it on every process)."""
         grid = self.grid_of(net)
         t = grid.index(sigma.detach().reshape(-1).to("cpu", torch.float64))
         self.step_sampler(grid).update(t.to(losses.device), losses.detach().flatten(1).sum(dim=1))
-
-    def __call__(self, net, images, labels=None, augment_pipe=None, generator: torch.Generator | None = None):
-        """Per-element loss [N, C, H, W] of a fresh draw, weighted by 1/(T p_t), in the draw order t, then the
-        augmentation, then the noise (from ``generator``, or the global RNG when None); the unweighted losses
-        update the schedule sampler."""
-        sigma, weight = self.draw(net, images.shape[0], generator, images.device)
-        y, augment_labels = (images, None) if augment_pipe is None else augment_pipe(images, generator=generator)
-        n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype) * sigma
-        losses = self.loss(net, y, sigma, n, labels, augment_labels)
-        self.observe(net, sigma, losses)
-        return losses * weight
-
-    def loss(self, net, y, sigma, n, labels=None, augment_labels=None) -> torch.Tensor:
-        """The per-element loss (unweighted) for clean images y, grid levels sigma [N, 1, 1, 1] and noise n
-        (standard deviation sigma), as :class:`DenoisingLoss.loss`; augment labels, when given, go to the
-        network."""
-        return sum(self.element_terms(net, y, sigma, n, labels, augment_labels).values())
 
     def terms(self, net, y, t, noise, labels=None, augment_labels=None) -> dict[str, torch.Tensor]:
         """The original's ``training_losses`` terms per sample ([N] each: 'loss', and 'mse' and/or 'vb' as the
@@ -475,6 +536,7 @@ class IDDPMSimpleLoss(DiscreteDiffusionLoss):
     original's MSE losses without learned sigmas (loss = mse; the variance is the grid's 'small' or 'large')."""
 
     name: ClassVar[str] = "iddpm-simple"
+    term_names: ClassVar[tuple[str, ...]] = ("mse",)
     needs_learned_variance: ClassVar[bool | None] = False
     predict_xstart: bool = False
     schedule_sampler: str = "uniform"
@@ -496,6 +558,7 @@ class IDDPMHybridLoss(DiscreteDiffusionLoss):
     0.001 for T = 1000), else 1 (MSE)."""
 
     name: ClassVar[str] = "iddpm-hybrid"
+    term_names: ClassVar[tuple[str, ...]] = ("mse", "vb")
     needs_learned_variance: ClassVar[bool | None] = True
     predict_xstart: bool = False
     rescale_learned_sigmas: bool = True

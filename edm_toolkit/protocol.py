@@ -26,7 +26,8 @@ and declares its optional capabilities instead of leaving them to be discovered:
 
 :class:`DenoiserBase` gives the defaults of a plain continuous model; :class:`DenoiserWrapper` is the base of
 every wrapper (mixed precision, guidance, ...): it forwards the whole protocol, capabilities included, to the
-denoiser it wraps and never modifies it.
+denoiser it wraps and never modifies it. :class:`BoundInputs` binds extra network inputs of a batch (an
+upsampler's ``low_res=``) so that solvers and losses, which call ``net(x, sigma, class_labels)``, pass them on.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from torch import nn
 from .discrete import StepGrid, nearest_index
 from .errors import ConfigError
 
-__all__ = ["Denoiser", "DenoiserBase", "DenoiserWrapper", "check_denoiser"]
+__all__ = ["BoundInputs", "Denoiser", "DenoiserBase", "DenoiserWrapper", "check_denoiser"]
 
 _MEMBERS = ("img_channels", "img_resolution", "label_dim", "augment_dim", "sigma_min", "sigma_max", "step_grid",
             "learned_variance", "round_sigma", "network_evaluations", "denoise_with_variance")
@@ -145,3 +146,42 @@ class DenoiserWrapper(DenoiserBase):
 
     def denoise_with_variance(self, x, sigma, class_labels=None, **model_kwargs):
         return self.denoiser.denoise_with_variance(x, sigma, class_labels, **model_kwargs)
+
+
+class BoundInputs(DenoiserWrapper):
+    """The wrapped denoiser with extra network inputs bound to every call: ``BoundInputs(net, low_res=images)``.
+
+    Each bound tensor holds one row per image of the batch the wrapper is called with (or a single row, shared
+    by every image); they go to the network as ``model_kwargs`` of both ``forward`` and
+    ``denoise_with_variance`` (ADM's upsampler: ``low_res``, the low-resolution image in [-1, 1]). Keyword
+    arguments given to a call as well are refused rather than silently replaced. Bound per batch: by the
+    trainer of an upsampler and by a cascade (``edm_toolkit.training.upsampling.upsample_batch``).
+    """
+
+    def __init__(self, denoiser: nn.Module, **inputs: torch.Tensor):
+        super().__init__(denoiser)
+        if not inputs:
+            raise ConfigError("BoundInputs needs at least one input to bind, e.g. low_res=images")
+        for name, value in inputs.items():
+            if not isinstance(value, torch.Tensor) or value.ndim < 1:
+                raise ConfigError(f"bound input {name!r} must be a tensor with one row per image")
+        self.inputs = dict(inputs)  # plain attributes: neither parameters nor buffers of the wrapper
+
+    def _with_inputs(self, x: torch.Tensor, model_kwargs: dict) -> dict:
+        clash = sorted(set(model_kwargs) & set(self.inputs))
+        if clash:
+            raise ConfigError(f"{clash[0]!r} is bound already; pass it either to BoundInputs or to the call")
+        bound = {}
+        for name, value in self.inputs.items():
+            if value.shape[0] not in (1, x.shape[0]):
+                raise ConfigError(f"bound input {name!r} has {value.shape[0]} rows but the batch has {x.shape[0]} "
+                                  "images; bind one row per image (or one for all)")
+            value = value.to(x.device)
+            bound[name] = value.expand(x.shape[0], *value.shape[1:]) if value.shape[0] == 1 else value
+        return {**model_kwargs, **bound}
+
+    def forward(self, x, sigma, class_labels=None, **model_kwargs):
+        return self.denoiser(x, sigma, class_labels, **self._with_inputs(x, model_kwargs))
+
+    def denoise_with_variance(self, x, sigma, class_labels=None, **model_kwargs):
+        return self.denoiser.denoise_with_variance(x, sigma, class_labels, **self._with_inputs(x, model_kwargs))

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ..checkpoints import TOOLKIT, model_from_file, read_model_file
 from ..discrete import StepGrid, check_schedule, named_beta_schedule, nearest_index
 from ..errors import CheckpointError, ConfigError
 from ..formats import (
@@ -216,8 +217,12 @@ class OpenAIClassifier(nn.Module):
         self.family = FAMILIES["guided"]
         self.num_classes = model.out_channels
         self.img_resolution = model.image_size
+        self.img_channels = model.in_channels
         self.step_grid = StepGrid(diffusion.alphas_cumprod)
         self.register_buffer("grid_sigmas", diffusion.sigmas, persistent=False)  # on the network's device
+        # What a file summary shows (edm inspect): the classes it tells apart and the noise range of its grid.
+        self.label_dim = self.num_classes
+        self.sigma_min, self.sigma_max = float(diffusion.sigmas[0]), float(diffusion.sigmas[-1])
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.model(x_t, self.diffusion.scale_timesteps(torch.as_tensor(timesteps, device=x_t.device)))
@@ -591,8 +596,14 @@ def load_openai_classifier(path_or_state_dict, *, model_flags: str | Mapping[str
 
     Released classifiers resolve by file name (with the schedule of the diffusion model they were published
     with); others need their flags (``--image_size``, ``--classifier_*``; ``--num_head_channels`` and
-    ``--channel_mult`` override what ``create_classifier`` hard-codes).
+    ``--channel_mult`` override what ``create_classifier`` hard-codes). A toolkit model file of a classifier
+    (``edm train-classifier``'s snapshots) holds its flags and diffusion and is read as it is.
     """
+    if isinstance(path_or_state_dict, (str, os.PathLike, FileSource)):
+        source = path_or_state_dict if isinstance(path_or_state_dict, FileSource) else FileSource(path_or_state_dict)
+        if _is_toolkit_file(source):
+            return _toolkit_classifier(source, model_flags, file_name)
+        path_or_state_dict = source
     checked = _resolved(path_or_state_dict, model_flags=model_flags, file_name=file_name, codebase=None,
                         classifier=True)
     classifier = OpenAIClassifier(checked.loaded(), OpenAIDiffusion.from_flags(checked.res.flags),
@@ -662,6 +673,43 @@ def _denoiser_from_config(config: dict[str, Any], tensors: Mapping[str, torch.Te
 
 
 register_model_type("openai", OpenAIDenoiser, _denoiser_config, _denoiser_from_config)
+
+
+def _classifier_config(classifier: OpenAIClassifier) -> dict[str, Any]:
+    try:
+        network = network_config(classifier.model)
+    except ValueError as exc:
+        raise CheckpointError(f"cannot save this classifier: {exc}") from None
+    return {"network": network, "diffusion": classifier.diffusion.to_config(), "flags": _plain_flags(classifier.flags)}
+
+
+def _classifier_from_config(config: dict[str, Any], tensors: Mapping[str, torch.Tensor],
+                            what: str) -> OpenAIClassifier:
+    diffusion = OpenAIDiffusion(**config["diffusion"])
+    if config["network"].get("type") != "openai_classifier":
+        raise CheckpointError(f"{what}: a noisy classifier's network is an openai_classifier (EncoderUNetModel), "
+                              f"not {config['network'].get('type')!r}")
+    return load_wrapper(config["network"], tensors, "model", what,
+                        lambda network: OpenAIClassifier(network, diffusion, flags=config.get("flags")))
+
+
+register_model_type("openai-classifier", OpenAIClassifier, _classifier_config, _classifier_from_config)
+
+
+def _is_toolkit_file(source: FileSource) -> bool:
+    return TOOLKIT.sniff(source)
+
+
+def _toolkit_classifier(source: FileSource, model_flags, file_name) -> OpenAIClassifier:
+    """The noisy classifier of a toolkit model file (its flags and diffusion are in the file)."""
+    if model_flags is not None or file_name is not None:
+        raise CheckpointError(f"{source} is an edm-toolkit model file, which holds its classifier's flags; drop "
+                              "--classifier-flags (model_flags/file_name)")
+    config, _ = read_model_file(source)
+    if config["type"] != "openai-classifier":
+        raise CheckpointError(f"{source} holds a {config['type']!r} model, not a noisy classifier; pass a classifier "
+                              "(edm train-classifier's classifier-snapshot-*.pt, or a released *_classifier.pt)")
+    return model_from_file(source).eval().requires_grad_(False)
 
 
 class OpenAIFormat:

@@ -22,6 +22,7 @@ from ..networks.openai_unet import EncoderUNetModel, SuperResModel, UNetModel
 __all__ = [
     "NUM_CLASSES",
     "RELEASED_CHECKPOINTS",
+    "SCRIPT_FLAGS",
     "classifier_defaults",
     "classifier_from_flags",
     "create_classifier",
@@ -120,6 +121,9 @@ _SCRIPT_FLAG_DEFAULTS = dict(
     large_size=256,
     small_size=64,
 )
+
+SCRIPT_FLAGS = frozenset(_SCRIPT_FLAG_DEFAULTS) - {"large_size", "small_size"}
+"""Flags of the original scripts that describe a run, not a model (batch size, paths, sampling options)."""
 
 # channel_mult by image size when the channel_mult flag is empty.
 _CHANNEL_MULT = {
@@ -299,13 +303,14 @@ def _unet(
     use_fp16,
     use_new_attention_order,
     num_classes,
+    in_channels=3,
 ):
     """The shared body of create_model and sr_create_model."""
     _check_codebase(codebase)
     common = dict(
-        in_channels=3,
+        in_channels=in_channels,
         model_channels=num_channels,
-        out_channels=6 if learn_sigma else 3,
+        out_channels=2 * in_channels if learn_sigma else in_channels,
         num_res_blocks=num_res_blocks,
         attention_resolutions=_attention_ds(attention_resolutions, image_size),
         dropout=dropout,
@@ -356,6 +361,7 @@ def create_model(
     *,
     num_classes: int = NUM_CLASSES,
     codebase: str = "guided",
+    in_channels: int = 3,
 ) -> UNetModel:
     """``script_util.create_model``: a :class:`UNetModel` from flag values.
 
@@ -363,7 +369,8 @@ def create_model(
     32/64/256), ``attention_resolutions`` (``"32,16,8"``) become factors ``image_size // res``,
     ``learn_sigma`` doubles the output channels and ``class_cond`` adds ``num_classes`` labels.
     ``codebase='improved'`` builds improved-diffusion's network (legacy attention, no guided-only
-    options; an explicit ``channel_mult`` is accepted there as an extension).
+    options; an explicit ``channel_mult`` is accepted there as an extension). ``in_channels`` (an extension:
+    the originals build RGB networks) sets the image channels, e.g. 1 for grayscale training data.
     """
     del use_checkpoint
     return _unet(
@@ -386,6 +393,7 @@ def create_model(
         use_fp16=use_fp16,
         use_new_attention_order=use_new_attention_order,
         num_classes=num_classes,
+        in_channels=in_channels,
     )
 
 
@@ -409,6 +417,7 @@ def sr_create_model(
     num_classes: int = NUM_CLASSES,
     codebase: str = "guided",
     channel_mult="",
+    in_channels: int = 3,
 ) -> SuperResModel:
     """``script_util.sr_create_model``: a :class:`SuperResModel` for ``large_size`` outputs.
 
@@ -436,6 +445,7 @@ def sr_create_model(
         use_fp16=use_fp16,
         use_new_attention_order=False,
         num_classes=num_classes,
+        in_channels=in_channels,
     )
 
 
@@ -452,15 +462,16 @@ def create_classifier(
     num_classes: int = NUM_CLASSES,
     num_head_channels: int = 64,
     channel_mult="",
+    in_channels: int = 3,
 ) -> EncoderUNetModel:
     """``script_util.create_classifier``: the noisy classifier from its flags.
 
-    The original hard-codes 1000 classes and 64 channels per head and picks ``channel_mult`` from
+    The original hard-codes 1000 classes, 64 channels per head and RGB inputs and picks ``channel_mult`` from
     ``image_size``; the keyword-only arguments override these for other set-ups.
     """
     return EncoderUNetModel(
         image_size=image_size,
-        in_channels=3,
+        in_channels=in_channels,
         model_channels=classifier_width,
         out_channels=num_classes,
         num_res_blocks=classifier_depth,
@@ -481,7 +492,8 @@ def _call_with_flags(builder, flags: Mapping[str, Any], **keywords):
 
 
 def model_from_flags(
-    flags: str | Mapping[str, Any], *, codebase: str = "guided", num_classes: int = NUM_CLASSES
+    flags: str | Mapping[str, Any], *, codebase: str = "guided", num_classes: int = NUM_CLASSES,
+    in_channels: int = 3,
 ) -> UNetModel:
     """Build the diffusion network that the original scripts build from these flags.
 
@@ -489,14 +501,17 @@ def model_from_flags(
     does). Unset flags take ``codebase``'s argparse defaults (they differ between guided- and
     improved-diffusion); ``--large_size``/``--small_size`` select the upsampler
     (:class:`SuperResModel`). Flags that do not affect the network (diffusion, sampling,
-    classifier) are ignored; unknown flags raise ValueError.
+    classifier) are ignored; unknown flags raise ValueError. ``in_channels``: the image channels (the
+    originals': 3).
     """
     given = _flag_dict(flags)
     if "large_size" in given or "small_size" in given:
         merged = {**sr_model_and_diffusion_defaults(codebase), **given}
-        return _call_with_flags(sr_create_model, merged, num_classes=num_classes, codebase=codebase)
+        return _call_with_flags(sr_create_model, merged, num_classes=num_classes, codebase=codebase,
+                                in_channels=in_channels)
     merged = {**model_and_diffusion_defaults(codebase), **given}
-    return _call_with_flags(create_model, merged, num_classes=num_classes, codebase=codebase)
+    return _call_with_flags(create_model, merged, num_classes=num_classes, codebase=codebase,
+                            in_channels=in_channels)
 
 
 def classifier_from_flags(
@@ -505,6 +520,7 @@ def classifier_from_flags(
     num_classes: int = NUM_CLASSES,
     num_head_channels: int = 64,
     channel_mult="",
+    in_channels: int = 3,
 ) -> EncoderUNetModel:
     """Build guided-diffusion's noisy classifier from ``--image_size`` and ``--classifier_*`` flags.
 
@@ -518,6 +534,7 @@ def classifier_from_flags(
         num_classes=num_classes,
         num_head_channels=num_head_channels,
         channel_mult=channel_mult,
+        in_channels=in_channels,
     )
 
 

@@ -133,6 +133,7 @@ from . import phema as _phema  # noqa: E402
 from . import presets as _presets  # noqa: E402
 from . import solvers as _solvers  # noqa: E402
 from . import train as _train  # noqa: E402
+from . import train_classifier as _train_classifier  # noqa: E402
 
 main.add_command(_generate.generate)
 main.add_command(_presets.presets)
@@ -141,6 +142,7 @@ main.add_command(_files.convert)
 main.add_command(_solvers.solvers)
 main.add_command(_dataset.dataset)
 main.add_command(_train.train)
+main.add_command(_train_classifier.train_classifier)
 main.add_command(_phema.phema)
 main.add_command(_fid.fid)
 main.add_command(_nll.nll)

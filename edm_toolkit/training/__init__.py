@@ -10,13 +10,13 @@ own model format, which ``edm generate --network`` reads.
 
 from .ema import (HalfLifeEMA, PowerFunctionEMA, gamma_to_sigma_rel, posthoc_coefficients, power_ema_beta,
                   power_profile_inner, sigma_rel_to_gamma)
-from .loop import Trainer, denoising_loss, train
+from .loop import Trainer, TrainingRun, train
 from .options import TrainingOptions
 from .phema import list_power_snapshots, reconstruct_power_ema, write_power_ema
 from .streams import TrainingStreams
 
 __all__ = [
-    "HalfLifeEMA", "PowerFunctionEMA", "Trainer", "TrainingOptions", "TrainingStreams", "denoising_loss",
+    "HalfLifeEMA", "PowerFunctionEMA", "Trainer", "TrainingOptions", "TrainingRun", "TrainingStreams",
     "gamma_to_sigma_rel", "list_power_snapshots", "posthoc_coefficients", "power_ema_beta", "power_profile_inner",
     "reconstruct_power_ema", "sigma_rel_to_gamma", "train", "write_power_ema",
 ]

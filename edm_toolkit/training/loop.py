@@ -1,19 +1,24 @@
 """The training loop (EDM training/training_loop.py), for any loss x preconditioner x backbone, resumable exactly.
 
 Per step: every process takes its slice of the global batch (``batch / processes`` images, in micro-batches of
-``--batch-gpu`` with gradients accumulated), evaluates the per-element loss lambda(sigma) (D(y + n; sigma) - y)^2,
-and backpropagates ``loss.sum() * ls / (batch / processes)``; DDP averages the gradients over processes. Then, as
-EDM: learning rate lr min(nimg / rampup, 1) with nimg the images seen before this step, NaN -> 0 and +-inf ->
-+-1e5 in the gradients, an Adam step (betas 0.9, 0.999, eps 1e-8), the half-life EMA and the power EMAs.
+``--batch-gpu`` with gradients accumulated), evaluates the loss through its own interface
+(:class:`~edm_toolkit.losses.TrainingLoss`: noise levels and loss weights, then the per-element terms, e.g. EDM's
+lambda(sigma) (D(y + n; sigma) - y)^2) and backpropagates ``(loss * weight).sum() * ls / (batch / processes)``;
+DDP averages the gradients over processes; a stateful loss observes the step's losses. Then, as EDM: learning
+rate lr min(nimg / rampup, 1) with nimg the images seen before this step, NaN -> 0 and +-inf -> +-1e5 in the
+gradients, an Adam step (betas 0.9, 0.999, eps 1e-8), the half-life EMA and the power EMAs.
 
 Once per tick (``--tick`` kimg; the first tick is the first step, as EDM's): a progress line, a line in
 stats.jsonl; every ``--snap`` ticks the EMA as a network file (``edm generate --network`` reads it), the power
-EMAs and optionally a sample grid; every ``--dump`` ticks the training state. Only rank 0 writes.
+EMAs, optionally a sample grid and in-training metrics (``--metrics``); every ``--dump`` ticks the training
+state. Only rank 0 writes. :class:`TrainingRun` holds what every training shares (also the noisy classifier's,
+``classifier.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -27,32 +32,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..adapters.openai_flags import parse_model_flags
 from ..checkpoints import save_model
 from ..distributed import ProcessGroup, init_from_env, shutdown
 from ..errors import CheckpointError, ConfigError, EDMToolkitError
-from ..losses import LOSSES, DenoisingLoss
+from ..formats import model_config
+from ..losses import LOSSES, TrainingLoss, total_of
 from ..presets import PrecondConfig, load_preset
-from .architectures import backbone_config, build_denoiser, denoiser_config, parameter_count
+from ..protocol import BoundInputs
+from .architectures import (OPENAI_ARCHITECTURES, backbone_config, build_denoiser, build_openai_denoiser,
+                            denoiser_config, discrete_loss, is_upsampler, openai_flags, parameter_count)
 from .ema import HalfLifeEMA, PowerFunctionEMA
-from .options import TrainingOptions
+from .options import TrainingOptions, metric_images
 from .phema import power_ema_name
-from .run_dir import (RunLog, StatsFile, create_run_dir, find_run_to_resume, format_time, next_run_dir,
-                      run_description, write_json)
+from .routing import DenoiserCalls, RoutedDenoiser
+from .run_dir import (RunLog, StatsFile, append_jsonl, create_run_dir, find_run_to_resume, format_time, next_run_dir,
+                      run_description, truncate_jsonl, write_json)
 from .samples import ImageSource, PositionBatches, TrainingSamples
 from .state import latest_state, load_state, remove_stale_temporaries, save_state, state_name
 from .streams import TrainingStreams
+from .upsampling import area_downsample
 
 AUGMENT_DIM = 9  # EDM's augment labels: xflip, yflip, scale, rotate (2), aniso (2), translate (2)
-_OUTPUT_PREFIXES = ("network-snapshot-", "training-state-", "power-ema-", "grid-", "stats.jsonl", "training_options")
-
-
-def denoising_loss(loss: DenoisingLoss, net: Callable, y: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
-                   labels: torch.Tensor | None, augment_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-element loss lambda(sigma) (D(y + sigma noise; sigma) - y)^2 (EDM Eq. 8) for given draws of sigma and
-    noise; the same arithmetic as calling ``loss`` (which draws them itself from one generator per batch)."""
-    extra = {} if augment_labels is None else {"augment_labels": augment_labels}
-    D_yn = net(y + noise * sigma, sigma, labels, **extra)
-    return loss.weight(sigma) * (D_yn - y) ** 2
 
 
 def learning_rate(lr: float, nimg: int, rampup_kimg: float) -> float:
@@ -67,7 +68,7 @@ def clean_gradients(parameters) -> None:
             torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
 
 
-def resolve_components(options: TrainingOptions) -> tuple[PrecondConfig, DenoisingLoss]:
+def resolve_components(options: TrainingOptions) -> tuple[PrecondConfig, TrainingLoss]:
     """The preconditioner and loss: --precond/--loss, else the --preset's sections, else edm and the loss named like
     the preconditioner (EDM's pairs vp/vp, ve/ve, edm/edm; iddpm/iddpm)."""
     preset = load_preset(options.preset) if options.preset is not None else None
@@ -149,14 +150,118 @@ def module_summary(net: nn.Module, inputs: list[Any], kwargs: dict[str, Any] | N
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
 
 
-class Trainer:
-    """One training run: ``Trainer(options).run()`` (or ``train(options)``). ``dataset`` replaces ``--data`` by any
-    object of the ImageSource protocol (e.g. an in-memory dataset); ``stream`` receives the progress text."""
+class Meters:
+    """Per-tick sums of reported values (EDM's training_stats): for each name the sum, the sum of squares and the
+    count, float64 on the device, summed over processes at the end of a tick."""
 
-    def __init__(self, options: TrainingOptions, dataset: ImageSource | None = None, stream: TextIO | None = None):
+    def __init__(self, names: list[str], device: torch.device):
+        self.names = list(names)
+        self.sums = torch.zeros(len(self.names), 3, dtype=torch.float64, device=device)
+
+    def add(self, name: str, values: torch.Tensor) -> None:
+        with torch.no_grad():
+            values = values.detach().to(torch.float64)
+            row = self.sums[self.names.index(name)]
+            row[0] += values.sum()
+            row[1] += values.square().sum()
+            row[2] += values.numel()
+
+    def collect(self, group: ProcessGroup) -> dict[str, dict[str, float]]:
+        """{name: {num, mean, std}} of this tick over every process; the sums start again from zero."""
+        if group.world_size > 1:
+            dist.all_reduce(self.sums)
+        result = {}
+        for name, (total, squares, count) in zip(self.names, self.sums.tolist()):
+            mean = total / max(count, 1)
+            result[name] = {"num": count, "mean": mean,
+                            "std": math.sqrt(max(squares / max(count, 1) - mean * mean, 0.0))}
+        self.sums.zero_()
+        return result
+
+
+class TrainingRun:
+    """What every training of the toolkit shares (EDM's training_loop.py): processes and devices, the dataset,
+    the seed and per-position random streams, resume, the run directory, the step with micro-batches, gradient
+    accumulation and DDP, the optimizer step, and per tick the progress line, stats.jsonl, snapshots and training
+    states. A subclass says what is trained (:class:`Trainer`: a denoiser; ``classifier.ClassifierTrainer``: a
+    noisy classifier) through the hooks below."""
+
+    kind: str = "denoiser"  # the training state's kind (state.KINDS)
+    output_prefixes: tuple[str, ...] = ("training-state-", "stats.jsonl", "training_options")
+
+    def __init__(self, options, dataset: ImageSource | None = None, stream: TextIO | None = None):
         self.options = options
         self.dataset = dataset
         self.stream = stream
+
+    # --- hooks ------------------------------------------------------------------------------------------------
+    def _configure(self) -> None:
+        """Resolves and checks the components (no network yet); sets ``self.description`` (the run's name)."""
+        raise NotImplementedError
+
+    def _build(self) -> None:
+        """Builds ``self.net`` (the trained module, on the device) and ``self.optimizer`` (after the init seed)."""
+        raise NotImplementedError
+
+    def _model_config(self) -> dict[str, Any]:
+        """Plain data that identifies the trained model's structure (matched against a resumed state)."""
+        raise NotImplementedError
+
+    def _samples(self) -> torch.utils.data.Dataset:
+        """The map-style dataset of image positions -> per-sample tensors (drawn from the position's streams)."""
+        raise NotImplementedError
+
+    def _route(self, calls: Callable | None) -> None:
+        """Takes the DDP and/or compiled module that the forward passes run through (None: the module itself)."""
+
+    def _calls_module(self) -> nn.Module:
+        """The module to wrap in DDP / torch.compile."""
+        return self.net
+
+    def _objective(self, batch: list[torch.Tensor], meters: Meters) -> torch.Tensor:
+        """The loss tensor of one micro-batch whose sum is its part of the objective (under autocast); reports its
+        statistics to ``meters``."""
+        raise NotImplementedError
+
+    def _meter_names(self) -> list[str]:
+        return ["Loss/loss"]
+
+    def _step_done(self) -> None:
+        """After the micro-batches of a step, before the optimizer step."""
+
+    def _learning_rate(self) -> float:
+        raise NotImplementedError
+
+    def _after_update(self) -> None:
+        """After the optimizer step and the image count update (EMAs)."""
+
+    def _snapshot(self, run_dir: Path) -> None:
+        """Writes the snapshot files of this tick (rank 0)."""
+
+    def _evaluate(self, run_dir: Path, total_sec: float) -> dict[str, float]:
+        """Metrics at a snapshot, on every process: {name: value} for stats.jsonl (none by default)."""
+        return {}
+
+    def _state(self) -> dict[str, Any]:
+        """The kind's own entries of a training state."""
+        return {}
+
+    def _restore_state(self, state: dict) -> None:
+        """Restores the kind's own entries of a training state."""
+
+    def _truncate_outputs(self, run_dir: Path, kimg: float) -> None:
+        """Drops the output lines past ``kimg`` of a run that is resumed in place."""
+
+    def _summary_lines(self) -> list[str]:
+        return []
+
+    def _no_labels(self) -> str:
+        """The message for a dataset without the labels the run needs."""
+        return (f"--cond 1 needs class labels, but the dataset {self.options.data!r} has none (dataset.json without "
+                "'labels'); use --cond 0 or a labelled dataset")
+
+    def _options_record(self) -> dict[str, Any]:
+        return dict(self.options.to_dict(), seed=self.seed)
 
     # --- setup: everything that can fail on bad input happens before anything is written ---------------------
     def _setup(self) -> None:
@@ -182,14 +287,14 @@ class Trainer:
         # Dataset.
         source = self.dataset if self.dataset is not None else open_dataset(o)
         if o.cond and not source.has_labels:
-            raise ConfigError(f"--cond 1 needs class labels, but the dataset {o.data!r} has none "
-                              "(dataset.json without 'labels'); use --cond 0 or a labelled dataset")
+            raise ConfigError(self._no_labels())
         if len(source) < 1:
             raise ConfigError(f"the dataset {o.data!r} holds no images")
         self.source = source
         self.label_dim = int(source.label_dim) if o.cond else 0
+        self._configure()
 
-        # Resume: the state decides the seed and must describe this network.
+        # Resume: the state decides the seed and must describe this model.
         self.state, self.resume_dir = self._find_state()
         seed = o.seed
         if self.state is not None:
@@ -205,57 +310,11 @@ class Trainer:
             raise ConfigError(f"--outdir {o.outdir} already holds a training run (stats.jsonl or training states); "
                               "continue it with --resume auto, or choose another --outdir")
 
-        # Network, loss, optimizer, EMAs.
-        self.precond, self.loss = resolve_components(o)
-        augment_dim = AUGMENT_DIM if o.augment > 0 else 0
-        self.backbone = backbone_config(o.arch, resolution=int(source.resolution), channels=int(source.num_channels),
-                                        label_dim=self.label_dim, augment_dim=augment_dim, dropout=o.dropout,
-                                        cbase=o.cbase, cres=list(o.cres) if o.cres else None, overrides=o.net_opts)
         torch.manual_seed(self.streams.init_seed())
-        net = build_denoiser(self.backbone, self.precond, use_fp16=o.precision == "fp16")
-        self.net = net.train().requires_grad_(True).to(self.device)
-        self.augment_pipe = build_augment_pipe(o.augment) if o.augment > 0 else None
-        self._check_forward()
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=o.lr, betas=(0.9, 0.999), eps=1e-8)
-        if o.transfer is not None:
-            self._transfer(o.transfer)
-        rampup = None if o.transfer is not None else o.ema_rampup
-        self.ema = HalfLifeEMA(self.net, o.ema * 1e6, rampup)
-        self.power_ema = PowerFunctionEMA(self.net, o.phema) if o.phema else None
+        self._build()
         self.nimg, self.cur_tick, self.tick_start_nimg, self.elapsed = 0, 0, 0, 0.0
         if self.state is not None:
             self._restore(self.state)
-
-        self.description = run_description(source.name, o.cond, o.arch, self.precond.name, W, o.batch, o.precision,
-                                           o.desc)
-
-    def _summary_inputs(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        """One zero image at sigma 1 with zero labels (and zero augment labels): the network's call signature."""
-        C, R = self.net.img_channels, self.net.img_resolution
-        inputs = [torch.zeros([1, C, R, R], device=self.device), torch.ones([1], device=self.device),
-                  torch.zeros([1, self.label_dim], device=self.device)]
-        extra = {}
-        if self.augment_pipe is not None:
-            extra["augment_labels"] = torch.zeros([1, AUGMENT_DIM], device=self.device)
-        return inputs, extra
-
-    def _check_forward(self) -> None:
-        """Runs the network once on one image, so that an architecture that does not fit the data fails now, in
-        one line, and not in the first training step."""
-        inputs, extra = self._summary_inputs()
-        self.net.eval()
-        try:
-            with torch.no_grad():
-                output = self.net(*inputs, **extra)
-        except (RuntimeError, ValueError) as exc:
-            raise ConfigError(f"the {self.options.arch} network does not run on {self.net.img_channels}x"
-                              f"{self.net.img_resolution}x{self.net.img_resolution} images "
-                              f"({str(exc).splitlines()[0][:200]}); check --cres and --net-opt") from None
-        finally:
-            self.net.train()
-        if output.shape != inputs[0].shape:
-            raise ConfigError(f"the {self.options.arch} network maps {list(inputs[0].shape)} images to "
-                              f"{list(output.shape)}; check --cres and --net-opt")
 
     def _broadcast(self, value):
         if self.group.world_size == 1:
@@ -274,10 +333,7 @@ class Trainer:
             if o.nosubdir:
                 run = Path(o.outdir) if latest_state(o.outdir) is not None else None
             else:
-                precond, _ = resolve_components(o)
-                description = run_description(self.source.name, o.cond, o.arch, precond.name, self.group.world_size,
-                                              o.batch, o.precision, o.desc)
-                run = find_run_to_resume(o.outdir, description)
+                run = find_run_to_resume(o.outdir, self.description)
             return (None, None) if run is None else (load_state(latest_state(run)), run)
         path = Path(o.resume)
         if path.is_dir():
@@ -290,28 +346,302 @@ class Trainer:
         return load_state(path), None
 
     def _restore(self, state: dict) -> None:
-        expected = json.loads(_json(denoiser_config(self.net)))
-        if state["denoiser"] != expected:
-            raise CheckpointError("--resume: the training state was written for a different network "
-                                  f"({_describe(state['denoiser'])}; this run builds {_describe(expected)}); "
+        if state["kind"] != self.kind:
+            raise CheckpointError(f"--resume: the training state is a {state['kind']}'s, this run trains a "
+                                  f"{self.kind}; resume with the command that wrote it")
+        expected = json.loads(_json(self._model_config()))
+        if state[self.kind] != expected:
+            raise CheckpointError(f"--resume: the training state was written for a different network "
+                                  f"({_describe(state[self.kind])}; this run builds {_describe(expected)}); "
                                   "resume with the options of that run")
         try:
             self.net.load_state_dict(state["net"])
-            self.ema.load_state_dict(state["ema"])
             self.optimizer.load_state_dict(state["optimizer"])
+            self._restore_state(state)
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"--resume: damaged training state ({str(exc).splitlines()[0][:160]})") from None
-        power = state["power_ema"]
-        tracked = [float(s) for s in power.get("sigma_rels", [])]
-        if tracked != list(self.options.phema):
-            raise ConfigError(f"--phema {','.join(map(str, self.options.phema)) or '(none)'} differs from the resumed "
-                              f"run's {','.join(map(str, tracked)) or '(none)'}; give the same --phema")
-        if self.power_ema is not None:
-            self.power_ema.load_state_dict(power)
         self.nimg, self.cur_tick = state["nimg"], state["cur_tick"]
         self.tick_start_nimg, self.elapsed = state["tick_start_nimg"], state["elapsed_sec"]
         if self.nimg % self.options.batch:
             raise ConfigError(f"the resumed state is at {self.nimg} images, not a multiple of --batch {self.options.batch}")
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        """Trains; returns the run directory."""
+        try:
+            self._setup()
+            return self._run()
+        finally:
+            shutdown()
+
+    def _run(self) -> Path | None:
+        o = self.options
+        is_writer = self.group.rank == 0
+        # Run directory (rank 0 picks it; every rank learns it).
+        run_dir = None
+        if is_writer:
+            if self.resume_dir is not None:
+                run_dir = self.resume_dir
+            elif o.nosubdir:
+                run_dir = Path(o.outdir)
+            else:
+                run_dir = next_run_dir(o.outdir, self.description)
+            create_run_dir(run_dir, exist_ok=o.nosubdir or self.resume_dir is not None)
+            remove_stale_temporaries(run_dir, self.output_prefixes)
+        run_dir = Path(self._broadcast(str(run_dir)))
+        log = RunLog(run_dir, self.stream) if is_writer else (lambda text="": None)
+        stats = StatsFile(run_dir) if is_writer else None
+        try:
+            if is_writer:
+                write_json(run_dir / "training_options.json", self._options_record())
+                log("Training options:")
+                log(o.to_json())
+                for line in self._summary_lines():
+                    log(line)
+                log(f"Output directory:        {run_dir}")
+                if self.state is not None:
+                    log(f"Resuming at {self.nimg / 1e3:.3f} kimg (tick {self.cur_tick})")
+                    if self.resume_dir is not None:
+                        stats.truncate_after(self.nimg / 1e3)
+                        self._truncate_outputs(run_dir, self.nimg / 1e3)
+            self._train(run_dir, log, stats)
+        finally:
+            if is_writer:
+                log.close()
+        return run_dir
+
+    def _train(self, run_dir: Path, log, stats: StatsFile | None) -> None:
+        o, device, group = self.options, self.device, self.group
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = o.bench
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+        total_nimg = o.total_nimg
+        if self.nimg >= total_nimg:
+            log(f"Training is complete ({self.nimg / 1e3:.3f} of {total_nimg / 1e3:.3f} kimg).")
+            return
+
+        batches = PositionBatches(self.nimg, o.batch, self.batch_gpu, group.rank, group.world_size)
+        loader = torch.utils.data.DataLoader(
+            self._samples(), batch_sampler=batches, num_workers=o.workers, pin_memory=device.type == "cuda",
+            prefetch_factor=2 if o.workers > 0 else None, worker_init_fn=_worker_init if o.workers > 0 else None)
+        batches_iter = iter(loader)
+
+        ddp, calls = None, None
+        if group.world_size > 1:
+            calls = ddp = torch.nn.parallel.DistributedDataParallel(
+                self._calls_module(), device_ids=[device] if device.type == "cuda" else None)
+        if o.compile:
+            calls = torch.compile(calls if calls is not None else self._calls_module())
+        self._route(calls)
+        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if o.precision == "bf16" \
+            else contextlib.nullcontext
+        params = [p for p in self.net.parameters()]
+
+        start_time = time.time()
+        tick_start_time = start_time
+        elapsed_at_start = self.elapsed
+        maintenance = 0.0
+        meters = Meters(self._meter_names(), device)
+        log(f"Training for {total_nimg / 1e3:g} kimg...")
+        while True:
+            # Accumulate gradients over the micro-batches of this process.
+            self.optimizer.zero_grad(set_to_none=True)
+            for round_idx in range(self.rounds):
+                batch = [t.to(device, non_blocking=True) for t in next(batches_iter)]
+                first = self.nimg + group.rank * self.batch_per_rank + round_idx * self.batch_gpu
+                torch.manual_seed(self.streams.dropout_seed(first))
+                sync = ddp is None or round_idx == self.rounds - 1
+                with (contextlib.nullcontext() if sync else ddp.no_sync()):
+                    with autocast():
+                        objective = self._objective(batch, meters)
+                    objective.sum().mul(o.ls / self.batch_per_rank).backward()
+            self._step_done()
+
+            # Update weights (EDM: lr schedule on the images seen before this step; non-finite gradients cleaned).
+            for g in self.optimizer.param_groups:
+                g["lr"] = self._learning_rate()
+            clean_gradients(params)
+            self.optimizer.step()
+            self.nimg += o.batch
+            self._after_update()
+
+            # Maintenance once per tick.
+            done = self.nimg >= total_nimg
+            if not done and self.cur_tick != 0 and self.nimg < self.tick_start_nimg + o.tick * 1000:
+                continue
+            tick_end_time = time.time()
+            reported = meters.collect(group)
+            mean = reported[meters.names[0]]["mean"]
+            tick_sec = tick_end_time - tick_start_time
+            sec_per_kimg = tick_sec / max(self.nimg - self.tick_start_nimg, 1) * 1e3
+            total_sec = elapsed_at_start + tick_end_time - start_time
+            eta = max(total_nimg - self.nimg, 0) / 1e3 * sec_per_kimg
+            cpu_mem = psutil.Process(os.getpid()).memory_info().rss / 2**30
+            gpu_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+            gpu_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else 0.0
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            log(f"tick {self.cur_tick:<5d} kimg {self.nimg / 1e3:<9.3f} loss {mean:<8.4f} time {format_time(total_sec):<12s} "
+                f"sec/tick {tick_sec:<7.1f} sec/kimg {sec_per_kimg:<7.2f} ETA {format_time(eta):<10s} "
+                f"maintenance {maintenance:<6.1f} cpumem {cpu_mem:<6.2f} gpumem {gpu_mem:<6.2f} reserved {gpu_reserved:<6.2f}")
+
+            snapshot = done or self.cur_tick % o.snap == 0
+            if group.rank == 0:
+                if snapshot:
+                    self._snapshot(run_dir)
+                if (done or self.cur_tick % o.dump == 0) and self.cur_tick != 0:
+                    self.elapsed = total_sec
+                    self._dump(run_dir)
+            metrics = self._evaluate(run_dir, total_sec) if snapshot else {}
+            if group.rank == 0:
+                stats.append({
+                    **reported,
+                    "Progress/tick": self.cur_tick, "Progress/kimg": self.nimg / 1e3,
+                    "Timing/total_sec": total_sec, "Timing/sec_per_tick": tick_sec, "Timing/sec_per_kimg": sec_per_kimg,
+                    "Timing/maintenance_sec": maintenance, "Resources/cpu_mem_gb": cpu_mem,
+                    "Resources/peak_gpu_mem_gb": gpu_mem, "Resources/peak_gpu_mem_reserved_gb": gpu_reserved,
+                    **metrics,
+                })
+            self.cur_tick += 1
+            self.tick_start_nimg = self.nimg
+            tick_start_time = time.time()
+            maintenance = tick_start_time - tick_end_time
+            if done:
+                break
+        group.barrier()
+        log("Done.")
+
+    def _dump(self, run_dir: Path) -> None:
+        save_state(run_dir / state_name(self.nimg), {
+            # Counters as the next tick starts: a resumed run continues exactly where this one goes on.
+            "kind": self.kind, "nimg": self.nimg, "cur_tick": self.cur_tick + 1, "tick_start_nimg": self.nimg,
+            "seed": self.seed, "options": self.options.to_json(), "elapsed_sec": float(self.elapsed),
+            self.kind: _json(self._model_config()),
+            "net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+            **self._state(),
+        })
+
+
+class Trainer(TrainingRun):
+    """One training of a denoiser: ``Trainer(options).run()`` (or ``train(options)``). ``dataset`` replaces
+    ``--data`` by any object of the ImageSource protocol (e.g. an in-memory dataset); ``stream`` receives the
+    progress text.
+
+    Per micro-batch the loss draws and evaluates everything through its own interface
+    (:class:`~edm_toolkit.losses.TrainingLoss`): the per-sample variates come from each image's generator, the
+    loss's ``noise_levels`` turn them into sigma and loss weights with its state at that step, ``element_terms``
+    gives the per-element terms of D(y + sigma n; sigma), and after the step ``observe`` feeds the unweighted
+    losses of the whole step (every process's, in image order) to a stateful loss (the loss-second-moment
+    schedule sampler). The loss sees the denoiser's protocol; under DDP its calls run through the DDP module
+    (:class:`~edm_toolkit.training.routing.RoutedDenoiser`).
+    """
+
+    output_prefixes = ("network-snapshot-", "training-state-", "power-ema-", "grid-", "stats.jsonl",
+                       "training_options", "metric-")
+
+    # --- configuration and model ------------------------------------------------------------------------------
+    def _configure(self) -> None:
+        o = self.options
+        resolution = int(self.source.resolution)
+        self.low_res_size = None
+        if o.discrete_model:
+            self.precond = None
+            self.flags = openai_flags(o.arch, o.model_flags, resolution=resolution, cond=o.cond, dropout=o.dropout,
+                                      noise_schedule=o.noise_schedule, diffusion_steps=o.diffusion_steps)
+            given = parse_model_flags(o.model_flags or "")
+            self.loss = discrete_loss(self.flags, given, o.loss, o.schedule_sampler or "uniform")
+            if is_upsampler(self.flags):
+                self.low_res_size = int(self.flags["small_size"])
+                for option, value in (("--grid-seeds", o.grid_seeds), ("--metrics", o.metrics or None)):
+                    if value is not None:
+                        raise ConfigError(f"{option} samples the model unconditionally, but an upsampler needs "
+                                          "low-resolution inputs; drop it (run a cascade with edm generate)")
+            part = self.loss.name
+        else:
+            self.flags = None
+            self.precond, self.loss = resolve_components(o)
+            if o.schedule_sampler is not None and not self.loss.draws_on_model_grid:
+                raise ConfigError(f"--schedule-sampler draws the steps of the iddpm-* losses; loss {self.loss.name!r} "
+                                  "has its own p_train: drop --schedule-sampler")
+            part = self.precond.name
+        self.description = run_description(self.source.name, o.cond, o.arch, part, self.group.world_size, o.batch,
+                                           o.precision, o.desc)
+        self.detector = self.reference = None
+        if o.metrics:
+            from ..metrics.detector_files import load_detector
+            from ..metrics.statistics import FIDStatistics
+
+            self.reference = FIDStatistics.load(o.ref)
+            self.detector = load_detector(o.detector, device=self.device)
+
+    def _build(self) -> None:
+        o = self.options
+        resolution, channels = int(self.source.resolution), int(self.source.num_channels)
+        if self.flags is not None:
+            self.backbone = {"type": "openai", "flags": self.flags}
+            net = build_openai_denoiser(o.arch, self.flags, channels=channels, label_dim=self.label_dim)
+        else:
+            augment_dim = AUGMENT_DIM if o.augment > 0 else 0
+            self.backbone = backbone_config(o.arch, resolution=resolution, channels=channels, label_dim=self.label_dim,
+                                            augment_dim=augment_dim, dropout=o.dropout, cbase=o.cbase,
+                                            cres=list(o.cres) if o.cres else None, overrides=o.net_opts)
+            net = build_denoiser(self.backbone, self.precond, use_fp16=o.precision == "fp16")
+        self.net = net.train().requires_grad_(True).to(self.device)
+        self.loss.check_model(self.net)
+        self.view = self.net  # the protocol view the loss calls (routed through DDP / compile in _route)
+        self.augment_pipe = build_augment_pipe(o.augment) if o.augment else None
+        self._check_forward()
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=o.lr, betas=(0.9, 0.999), eps=1e-8)
+        if o.transfer is not None:
+            self._transfer(o.transfer)
+        rampup = None if o.transfer is not None else o.ema_rampup
+        self.ema = HalfLifeEMA(self.net, o.ema * 1e6, rampup)
+        self.power_ema = PowerFunctionEMA(self.net, o.phema) if o.phema else None
+        self.term_names = [name for name in self.loss.term_names if name != "loss"]  # reported beside Loss/loss
+
+    def _model_config(self) -> dict[str, Any]:
+        return model_config(self.net) if self.flags is not None else denoiser_config(self.net)
+
+    def _bound(self, net, y: torch.Tensor):
+        """The denoiser the loss sees for clean images y: an upsampler gets their area-downsampled version bound as
+        its low_res input (the original's super_res_train.py)."""
+        if self.low_res_size is None:
+            return net
+        return BoundInputs(net, low_res=area_downsample(y, self.low_res_size))
+
+    def _summary_inputs(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """One zero image at sigma 1 with zero labels (and zero augment labels or low-resolution input): the
+        network's call signature."""
+        C, R = self.net.img_channels, self.net.img_resolution
+        inputs = [torch.zeros([1, C, R, R], device=self.device), torch.ones([1], device=self.device),
+                  torch.zeros([1, self.label_dim], device=self.device)]
+        extra = {}
+        if self.augment_pipe is not None:
+            extra["augment_labels"] = torch.zeros([1, AUGMENT_DIM], device=self.device)
+        if self.low_res_size is not None:
+            extra["low_res"] = torch.zeros([1, C, self.low_res_size, self.low_res_size], device=self.device)
+        return inputs, extra
+
+    def _check_forward(self) -> None:
+        """Runs the network once on one image, so that an architecture that does not fit the data fails now, in
+        one line, and not in the first training step."""
+        inputs, extra = self._summary_inputs()
+        self.net.eval()
+        fix = "check --model-flags" if self.flags is not None else "check --cres and --net-opt"
+        try:
+            with torch.no_grad():
+                output = self.net(*inputs, **extra)
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(f"the {self.options.arch} network does not run on {self.net.img_channels}x"
+                              f"{self.net.img_resolution}x{self.net.img_resolution} images "
+                              f"({str(exc).splitlines()[0][:200]}); {fix}") from None
+        finally:
+            self.net.train()
+        if output.shape != inputs[0].shape:
+            raise ConfigError(f"the {self.options.arch} network maps {list(inputs[0].shape)} images to "
+                              f"{list(output.shape)}; {fix}")
 
     def _transfer(self, path: str) -> None:
         """EDM's --transfer: initialise from another network's weights (matching names), EMA without ramp-up."""
@@ -331,15 +661,6 @@ class Trainer:
         if matched == 0:
             raise CheckpointError(f"--transfer {path}: no weight of that network matches this one")
 
-    # --- the loop ---------------------------------------------------------------------------------------------
-    def run(self) -> Path:
-        """Trains; returns the run directory."""
-        try:
-            self._setup()
-            return self._run()
-        finally:
-            shutdown()
-
     def dry_run(self) -> None:
         """Checks every option, then prints the options and the network summary; writes nothing."""
         try:
@@ -356,168 +677,79 @@ class Trainer:
             shutdown()
 
     def _summary_lines(self) -> list[str]:
-        o = self.options
+        o, R = self.options, self.source.resolution
+        if self.flags is not None:
+            kind = "upsampler" if self.low_res_size is not None else "model"
+            network = f"{o.arch} ({type(self.net.model).__name__}, {kind} of {OPENAI_ARCHITECTURES[o.arch]}-diffusion)"
+            design = (f"Diffusion, loss:         {self.flags['noise_schedule']} schedule, T = "
+                      f"{self.flags['diffusion_steps']}, variance {self.net.step_grid.variance}; {self.loss.name} "
+                      f"({self.loss.schedule_sampler} steps)")
+        else:
+            network = f"{o.arch} ({self.backbone['type']})"
+            design = f"Preconditioning, loss:   {self.precond.name}, {self.loss.name}"
         return [
             f"Dataset:                 {o.data if self.dataset is None else self.source.name} "
-            f"({len(self.source)} images, {self.source.num_channels}x{self.source.resolution}x{self.source.resolution})",
+            f"({len(self.source)} images, {self.source.num_channels}x{R}x{R})",
             f"Class-conditional:       {o.cond} (label_dim {self.label_dim}, label dropout {o.cond_drop})",
-            f"Network:                 {o.arch} ({self.backbone['type']}), {parameter_count(self.net):,} parameters",
-            f"Preconditioning, loss:   {self.precond.name}, {self.loss.name}",
+            f"Network:                 {network}, {parameter_count(self.net):,} parameters",
+            design,
             f"Processes, batch:        {self.group.world_size}, {o.batch} ({self.batch_gpu} per micro-batch, "
             f"{self.rounds} accumulation rounds)",
             f"Precision, device:       {o.precision}{' compiled' if o.compile else ''}, {self.device}",
             f"Seed:                    {self.seed}",
         ]
 
-    def _run(self) -> Path | None:
-        o = self.options
-        is_writer = self.group.rank == 0
-        # Run directory (rank 0 picks it; every rank learns it).
-        run_dir = None
-        if is_writer:
-            if self.resume_dir is not None:
-                run_dir = self.resume_dir
-            elif o.nosubdir:
-                run_dir = Path(o.outdir)
-            else:
-                run_dir = next_run_dir(o.outdir, self.description)
-            create_run_dir(run_dir, exist_ok=o.nosubdir or self.resume_dir is not None)
-            remove_stale_temporaries(run_dir, _OUTPUT_PREFIXES)
-        run_dir = Path(self._broadcast(str(run_dir)))
-        log = RunLog(run_dir, self.stream) if is_writer else (lambda text="": None)
-        stats = StatsFile(run_dir) if is_writer else None
-        try:
-            if is_writer:
-                options = dict(o.to_dict(), seed=self.seed, precond_params=self.precond.params,
-                               loss_params=_loss_params(self.loss), backbone=self.backbone)
-                write_json(run_dir / "training_options.json", options)
-                log("Training options:")
-                log(o.to_json())
-                for line in self._summary_lines():
-                    log(line)
-                log(f"Output directory:        {run_dir}")
-                if self.state is not None:
-                    log(f"Resuming at {self.nimg / 1e3:.3f} kimg (tick {self.cur_tick})")
-                    if self.resume_dir is not None:
-                        stats.truncate_after(self.nimg / 1e3)
-            self._train(run_dir, log, stats)
-        finally:
-            if is_writer:
-                log.close()
-        return run_dir
+    def _options_record(self) -> dict[str, Any]:
+        record = dict(self.options.to_dict(), seed=self.seed, loss_params=_loss_params(self.loss),
+                      backbone=self.backbone)
+        if self.precond is not None:
+            record["precond_params"] = self.precond.params
+        return record
 
-    def _train(self, run_dir: Path, log, stats: StatsFile | None) -> None:
-        o, device, group = self.options, self.device, self.group
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = o.bench
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-        total_nimg = o.total_nimg
-        if self.nimg >= total_nimg:
-            log(f"Training is complete ({self.nimg / 1e3:.3f} of {total_nimg / 1e3:.3f} kimg).")
-            return
+    # --- the step -----------------------------------------------------------------------------------------------
+    def _samples(self):
+        return TrainingSamples(self.source, self.streams, self.loss, self.label_dim > 0, self.options.cond_drop,
+                               self.augment_pipe)
 
-        samples = TrainingSamples(self.source, self.streams, self.loss, self.label_dim > 0, o.cond_drop,
-                                  self.augment_pipe)
-        batches = PositionBatches(self.nimg, o.batch, self.batch_gpu, group.rank, group.world_size)
-        loader = torch.utils.data.DataLoader(
-            samples, batch_sampler=batches, num_workers=o.workers, pin_memory=device.type == "cuda",
-            prefetch_factor=2 if o.workers > 0 else None, worker_init_fn=_worker_init if o.workers > 0 else None)
-        batches_iter = iter(loader)
+    def _calls_module(self) -> nn.Module:
+        return DenoiserCalls(self.net)
 
-        model: Callable = self.net
-        ddp = None
-        if group.world_size > 1:
-            ddp = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=[device] if device.type == "cuda" else None)
-            model = ddp
-        if o.compile:
-            model = torch.compile(model)
-        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if o.precision == "bf16" \
-            else contextlib.nullcontext
-        params = [p for p in self.net.parameters()]
+    def _route(self, calls: Callable | None) -> None:
+        self.view = self.net if calls is None else RoutedDenoiser(self.net, calls)
+        self._observed: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-        start_time = time.time()
-        tick_start_time = start_time
-        elapsed_at_start = self.elapsed
-        maintenance = 0.0
-        loss_stats = torch.zeros(3, dtype=torch.float64, device=device)  # sum, sum of squares, count
-        log(f"Training for {total_nimg / 1e3:g} kimg...")
-        while True:
-            # Accumulate gradients over the micro-batches of this process.
-            self.optimizer.zero_grad(set_to_none=True)
-            for round_idx in range(self.rounds):
-                y, labels, sigma, noise, augment_labels = (t.to(device, non_blocking=True) for t in next(batches_iter))
-                first = self.nimg + group.rank * self.batch_per_rank + round_idx * self.batch_gpu
-                torch.manual_seed(self.streams.dropout_seed(first))
-                sync = ddp is None or round_idx == self.rounds - 1
-                with (contextlib.nullcontext() if sync else ddp.no_sync()):
-                    with autocast():
-                        loss = denoising_loss(self.loss, model, y, sigma, noise, labels,
-                                              augment_labels if self.augment_pipe is not None else None)
-                    loss.sum().mul(o.ls / self.batch_per_rank).backward()
-                with torch.no_grad():
-                    values = loss.detach().to(torch.float64)
-                    loss_stats[0] += values.sum()
-                    loss_stats[1] += values.square().sum()
-                    loss_stats[2] += values.numel()
+    def _meter_names(self) -> list[str]:
+        return ["Loss/loss", *(f"Loss/{name}" for name in self.term_names)]
 
-            # Update weights (EDM: lr ramp-up on the images seen before this step; non-finite gradients cleaned).
-            for g in self.optimizer.param_groups:
-                g["lr"] = learning_rate(o.lr, self.nimg, o.lr_rampup)
-            clean_gradients(params)
-            self.optimizer.step()
-            self.nimg += o.batch
-            self.ema.update(self.nimg, o.batch)
-            if self.power_ema is not None:
-                self.power_ema.update(self.nimg, o.batch)
+    def _objective(self, batch, meters: Meters) -> torch.Tensor:
+        y, labels, variates, noise, augment_labels = batch
+        sigma, weight = self.loss.noise_levels(self.view, variates)
+        terms = self.loss.element_terms(self._bound(self.view, y), y, sigma, noise * sigma, labels,
+                                        augment_labels if self.augment_pipe is not None else None)
+        losses = total_of(terms)
+        loss = losses * weight
+        meters.add("Loss/loss", loss.detach().flatten(1).sum(dim=1) if self.loss.reports_per_sample else loss)
+        for name in self.term_names:  # per sample, weighted, as the original logs its terms
+            meters.add(f"Loss/{name}", (terms[name].detach() * weight).flatten(1).sum(dim=1))
+        self._observed.append((sigma.detach(), losses.detach().flatten(1).sum(dim=1)))
+        return loss
 
-            # Maintenance once per tick.
-            done = self.nimg >= total_nimg
-            if not done and self.cur_tick != 0 and self.nimg < self.tick_start_nimg + o.tick * 1000:
-                continue
-            tick_end_time = time.time()
-            if group.world_size > 1:
-                dist.all_reduce(loss_stats)
-            total, squares, count = loss_stats.tolist()
-            loss_stats.zero_()
-            mean = total / max(count, 1)
-            std = math.sqrt(max(squares / max(count, 1) - mean * mean, 0.0))
-            tick_sec = tick_end_time - tick_start_time
-            sec_per_kimg = tick_sec / max(self.nimg - self.tick_start_nimg, 1) * 1e3
-            total_sec = elapsed_at_start + tick_end_time - start_time
-            eta = max(total_nimg - self.nimg, 0) / 1e3 * sec_per_kimg
-            cpu_mem = psutil.Process(os.getpid()).memory_info().rss / 2**30
-            gpu_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-            gpu_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else 0.0
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            log(f"tick {self.cur_tick:<5d} kimg {self.nimg / 1e3:<9.3f} loss {mean:<8.4f} time {format_time(total_sec):<12s} "
-                f"sec/tick {tick_sec:<7.1f} sec/kimg {sec_per_kimg:<7.2f} ETA {format_time(eta):<10s} "
-                f"maintenance {maintenance:<6.1f} cpumem {cpu_mem:<6.2f} gpumem {gpu_mem:<6.2f} reserved {gpu_reserved:<6.2f}")
+    def _step_done(self) -> None:
+        # The unweighted losses of the whole step, in image order on every process (gathered in rank order).
+        sigma = torch.cat([s for s, _ in self._observed])
+        losses = torch.cat([v for _, v in self._observed])
+        self._observed.clear()
+        self.loss.observe(self.view, sigma, losses[:, None])
 
-            if group.rank == 0:
-                if done or self.cur_tick % o.snap == 0:
-                    self._snapshot(run_dir)
-                if (done or self.cur_tick % o.dump == 0) and self.cur_tick != 0:
-                    self.elapsed = total_sec
-                    self._dump(run_dir)
-                stats.append({
-                    "Loss/loss": {"num": count, "mean": mean, "std": std},
-                    "Progress/tick": self.cur_tick, "Progress/kimg": self.nimg / 1e3,
-                    "Timing/total_sec": total_sec, "Timing/sec_per_tick": tick_sec, "Timing/sec_per_kimg": sec_per_kimg,
-                    "Timing/maintenance_sec": maintenance, "Resources/cpu_mem_gb": cpu_mem,
-                    "Resources/peak_gpu_mem_gb": gpu_mem, "Resources/peak_gpu_mem_reserved_gb": gpu_reserved,
-                })
-            self.cur_tick += 1
-            self.tick_start_nimg = self.nimg
-            tick_start_time = time.time()
-            maintenance = tick_start_time - tick_end_time
-            if done:
-                break
-        group.barrier()
-        log("Done.")
+    def _learning_rate(self) -> float:
+        return learning_rate(self.options.lr, self.nimg, self.options.lr_rampup)
 
+    def _after_update(self) -> None:
+        self.ema.update(self.nimg, self.options.batch)
+        if self.power_ema is not None:
+            self.power_ema.update(self.nimg, self.options.batch)
+
+    # --- outputs ------------------------------------------------------------------------------------------------
     def _snapshot(self, run_dir: Path) -> None:
         kimg = self.nimg // 1000
         save_model(self.ema.module, run_dir / f"network-snapshot-{kimg:06d}.pt")
@@ -527,24 +759,60 @@ class Trainer:
         if self.options.grid_seeds is not None:
             self._grid(run_dir / f"grid-{kimg:06d}.png")
 
+    def _sampler(self):
+        return load_preset(self.options.preset if self.options.preset is not None else "edm").sampling
+
     def _grid(self, path: Path) -> None:
         from ..generate import sample_batch
         from ..images import make_grid, save_png, to_uint8
 
-        preset = load_preset(self.options.preset if self.options.preset is not None else "edm")
-        images = sample_batch(self.ema.module, preset.sampling, list(self.options.grid_seeds), self.device)
+        images = sample_batch(self.ema.module, self._sampler(), list(self.options.grid_seeds), self.device)
         save_png(make_grid(list(to_uint8(images))), path)
 
-    def _dump(self, run_dir: Path) -> None:
-        save_state(run_dir / state_name(self.nimg), {
-            # Counters as the next tick starts: a resumed run continues exactly where this one goes on.
-            "nimg": self.nimg, "cur_tick": self.cur_tick + 1, "tick_start_nimg": self.nimg,
-            "seed": self.seed, "options": self.options.to_json(), "elapsed_sec": float(self.elapsed),
-            "denoiser": _json(denoiser_config(self.net)),
-            "net": self.net.state_dict(), "ema": self.ema.state_dict(),
+    def _evaluate(self, run_dir: Path, total_sec: float) -> dict[str, float]:
+        """--metrics: FID of the EMA's images (the grid's sampler, seeds 0..N-1) against --ref, on every process;
+        rank 0 appends each to metric-{name}.jsonl (StyleGAN's and EDM2's layout) and to this tick's
+        stats.jsonl line as Metrics/{name}."""
+        from ..metrics.generated import generated_statistics
+
+        results = {}
+        for name in self.options.metrics:
+            start = time.time()
+            statistics = generated_statistics(self.ema.module, self._sampler(), range(metric_images(name)),
+                                              self.detector, batch_size=self.batch_gpu, device=self.device,
+                                              group=self.group)
+            value = float(statistics.frechet_distance(self.reference))
+            results[f"Metrics/{name}"] = value
+            if self.group.rank == 0:
+                seconds = time.time() - start
+                append_jsonl(run_dir / f"metric-{name}.jsonl", {
+                    "results": {name: value}, "metric": name, "total_time": seconds,
+                    "total_time_str": format_time(seconds), "num_gpus": self.group.world_size,
+                    "snapshot_pkl": f"network-snapshot-{self.nimg // 1000:06d}.pt", "kimg": self.nimg / 1e3,
+                    "timestamp": time.time()})
+        return results
+
+    def _truncate_outputs(self, run_dir: Path, kimg: float) -> None:
+        for name in self.options.metrics:
+            truncate_jsonl(run_dir / f"metric-{name}.jsonl", kimg, lambda record: record["kimg"])
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "ema": self.ema.state_dict(),
             "power_ema": self.power_ema.state_dict() if self.power_ema is not None else {"sigma_rels": [], "emas": []},
-            "optimizer": self.optimizer.state_dict(),
-        })
+            "loss": self.loss.state_dict(),
+        }
+
+    def _restore_state(self, state: dict) -> None:
+        self.ema.load_state_dict(state["ema"])
+        power = state["power_ema"]
+        tracked = [float(s) for s in power.get("sigma_rels", [])]
+        if tracked != list(self.options.phema):
+            raise ConfigError(f"--phema {','.join(map(str, self.options.phema)) or '(none)'} differs from the resumed "
+                              f"run's {','.join(map(str, tracked)) or '(none)'}; give the same --phema")
+        if self.power_ema is not None:
+            self.power_ema.load_state_dict(power)
+        self.loss.load_state_dict(state.get("loss", {}))
 
 
 def train(options: TrainingOptions, dataset: ImageSource | None = None, stream: TextIO | None = None) -> Path:
@@ -565,16 +833,20 @@ def _holds_a_run(directory: Path) -> bool:
 
 
 def _describe(config: dict) -> str:
-    network = config.get("network", {}) if isinstance(config, dict) else {}
-    precond = config.get("precond", {}) if isinstance(config, dict) else {}
-    kwargs = network.get("kwargs", {}) if isinstance(network, dict) else {}
-    return (f"{network.get('type')} {kwargs.get('img_resolution')}x{kwargs.get('img_resolution')}, "
-            f"{kwargs.get('model_channels')} channels, label_dim {kwargs.get('label_dim')}, precond {precond.get('name')}")
+    """A short description of a model config (the network type, resolution, width, classes, parameterisation)."""
+    config = config if isinstance(config, dict) else {}
+    network = config.get("network") if isinstance(config.get("network"), dict) else {}
+    kwargs = network.get("kwargs") if isinstance(network.get("kwargs"), dict) else {}
+    resolution = kwargs.get("img_resolution", kwargs.get("image_size"))
+    classes = kwargs.get("label_dim", kwargs.get("num_classes"))
+    precond = config.get("precond") if isinstance(config.get("precond"), dict) else None
+    diffusion = config.get("diffusion") if isinstance(config.get("diffusion"), dict) else None
+    kind = (f"precond {precond.get('name')}" if precond is not None else
+            f"{diffusion.get('noise_schedule')} schedule, T = {diffusion.get('diffusion_steps')}" if diffusion
+            else config.get("type"))
+    return (f"{network.get('type')} {resolution}x{resolution}, {kwargs.get('model_channels')} channels, "
+            f"classes {classes}, {kind}")
 
 
-def _loss_params(loss: DenoisingLoss) -> dict[str, Any]:
-    import dataclasses
-
+def _loss_params(loss) -> dict[str, Any]:
     return {"name": loss.name, **dataclasses.asdict(loss)}
-
-

@@ -3,7 +3,9 @@
 Units as in train.py: --duration and --ema in Mimg, --tick in kimg, --snap and --dump in ticks. Additions:
 --preset/--loss (any registered loss with any preconditioner), --precision, --compile, --cond-drop, --phema
 (power EMAs to track), --lr-rampup (kimg; EDM's is fixed at 10000), --ema-rampup, --net-opt, --grid-seeds,
---device, --resume DIR|auto.
+--device, --resume DIR|auto; the discrete-time models of improved-/guided-diffusion (--arch iddpm|guided with
+--model-flags, --noise-schedule, --diffusion-steps, --schedule-sampler); in-training FID (--metrics, --ref,
+--detector).
 """
 
 from __future__ import annotations
@@ -11,25 +13,63 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
-from ..losses import LOSSES
+from ..losses import LOSSES, STEP_SAMPLERS
 from ..precond import PRECONDITIONERS
 from .ema import check_sigma_rel
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+EDM_DROPOUT, EDM_AUGMENT = 0.13, 0.12  # train.py's defaults for its architectures
+_METRIC = re.compile(r"fid(\d+)(k?)")
+
+
+def metric_images(name: str) -> int:
+    """The number of generated images of an in-training metric: fid50k -> 50000, fid10k -> 10000, fid64 -> 64
+    (FID against --ref of that many images, EDM's fid.py protocol)."""
+    match = _METRIC.fullmatch(name)
+    count = int(match.group(1)) * (1000 if match.group(2) else 1) if match else 0
+    if count < 2:
+        raise ConfigError(f"unknown --metrics {name!r}; choose fid50k, fid10k (or fidN / fidNk: FID of N or N "
+                          "thousand generated images, N >= 2)")
+    return count
+
+
+class OptionsRecord:
+    """What every training's options have besides their fields: the image count, replace, plain data and JSON."""
+
+    duration: float  # Mimg
+
+    @property
+    def total_nimg(self) -> int:
+        return max(int(round(self.duration * 1e6)), 1)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: list(value) if isinstance(value, tuple) else value
+                for key, value in dataclasses.asdict(self).items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
 
 
 @dataclass(frozen=True)
-class TrainingOptions:
+class TrainingOptions(OptionsRecord):
     """One training run. Defaults are EDM train.py's (CIFAR-10 DDPM++ with EDM preconditioning and loss)."""
 
     data: str
     outdir: str
     cond: bool = False
     arch: str = "ddpmpp"
+    model_flags: str | None = None  # --arch iddpm|guided: the original flags (e.g. "--learn_sigma True")
+    noise_schedule: str | None = None  # --arch iddpm|guided: the model's own beta schedule (linear, cosine)
+    diffusion_steps: int | None = None  # --arch iddpm|guided: T, the length of the model's grid
+    schedule_sampler: str | None = None  # iddpm-* losses: uniform (default) or loss-second-moment
     precond: str | None = None  # default: the preset's preconditioner, else edm
     loss: str | None = None  # default: the preset's loss, else the one named like the preconditioner
     preset: str | None = None
@@ -43,8 +83,8 @@ class TrainingOptions:
     ema: float = 0.5  # Mimg half-life
     ema_rampup: float | None = 0.05
     phema: tuple[float, ...] = ()  # sigma_rel of the power EMAs to track (EDM2: 0.05, 0.10)
-    dropout: float = 0.13
-    augment: float = 0.12
+    dropout: float | None = None  # default: 0.13 for train.py's architectures; --arch iddpm|guided: the flags'
+    augment: float | None = None  # default: 0.12 for train.py's architectures; none for --arch iddpm|guided
     xflip: bool = False
     precision: str = "fp32"
     ls: float = 1.0
@@ -64,6 +104,9 @@ class TrainingOptions:
     net_opts: dict[str, Any] = field(default_factory=dict)
     grid_seeds: tuple[int, ...] | None = None
     device: str | None = None
+    metrics: tuple[str, ...] = ()  # in-training metrics per snapshot: fid50k, fid10k
+    ref: str | None = None  # reference statistics (.npz, edm fid ref) of --metrics
+    detector: str | None = None  # FID Inception weights (default: $EDM_TOOLKIT_FID_DETECTOR or the fid extra)
 
     def __post_init__(self):
         def need(condition, message):
@@ -75,6 +118,34 @@ class TrainingOptions:
             PRECONDITIONERS.get(self.precond)
         if self.loss is not None:
             LOSSES.get(self.loss)
+        if self.schedule_sampler is not None:
+            STEP_SAMPLERS.get(self.schedule_sampler)
+        if self.discrete_model:
+            for option, value in (("--precond", self.precond), ("--preset", self.preset), ("--cbase", self.cbase),
+                                  ("--cres", self.cres), ("--net-opt", self.net_opts or None)):
+                need(value is None, f"{option} configures EDM's architectures and preconditioning; --arch "
+                                    f"{self.arch} takes the original flags instead (--model-flags '...')")
+            need(not self.augment, f"--augment conditions EDM's networks on augment labels, which --arch {self.arch} "
+                                   "does not have; use --augment 0 (and --xflip 1 for guided-diffusion's random flip)")
+            need(self.cond_drop == 0, f"--cond-drop needs a null label, which --arch {self.arch}'s class embedding "
+                                      "does not have; train an unconditional model, or use EDM's architectures")
+            need(self.precision != "fp16", f"--precision fp16 is EDM's float16 network; --arch {self.arch} trains in "
+                                           "fp32 or bf16 (--precision bf16)")
+        else:
+            for option, value in (("--model-flags", self.model_flags), ("--noise-schedule", self.noise_schedule),
+                                  ("--diffusion-steps", self.diffusion_steps)):
+                need(value is None, f"{option} describes improved-/guided-diffusion's models: use it with --arch "
+                                    "iddpm or --arch guided")
+            object.__setattr__(self, "dropout", EDM_DROPOUT if self.dropout is None else self.dropout)
+            object.__setattr__(self, "augment", EDM_AUGMENT if self.augment is None else self.augment)
+        need(self.diffusion_steps is None or self.diffusion_steps >= 1,
+             f"--diffusion-steps must be >= 1, got {self.diffusion_steps}")
+        for name in self.metrics:
+            metric_images(name)
+        need(len(set(self.metrics)) == len(self.metrics), f"--metrics lists a metric twice: {list(self.metrics)}")
+        need(bool(self.metrics) == (self.ref is not None),
+             "--metrics needs --ref REF.npz (reference statistics: edm fid ref)" if self.metrics
+             else "--ref is the reference of --metrics: add --metrics fid50k (or fid10k)")
         need(self.precision in PRECISIONS, f"unknown --precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
         need(_finite(self.duration) and self.duration > 0, f"--duration must be > 0 Mimg, got {self.duration}")
         need(self.batch >= 1, f"--batch must be >= 1, got {self.batch}")
@@ -90,8 +161,8 @@ class TrainingOptions:
         for sigma_rel in self.phema:
             check_sigma_rel(sigma_rel)
         need(len(set(self.phema)) == len(self.phema), f"--phema lists a width twice: {list(self.phema)}")
-        need(0 <= self.dropout <= 1, f"--dropout must lie in [0, 1], got {self.dropout}")
-        need(0 <= self.augment <= 1, f"--augment must lie in [0, 1], got {self.augment}")
+        need(self.dropout is None or 0 <= self.dropout <= 1, f"--dropout must lie in [0, 1], got {self.dropout}")
+        need(self.augment is None or 0 <= self.augment <= 1, f"--augment must lie in [0, 1], got {self.augment}")
         need(0 <= self.cond_drop <= 1, f"--cond-drop must lie in [0, 1], got {self.cond_drop}")
         need(self.cond or self.cond_drop == 0, "--cond-drop needs a conditional model: add --cond 1")
         need(_finite(self.ls) and self.ls > 0, f"--ls must be > 0, got {self.ls}")
@@ -109,21 +180,12 @@ class TrainingOptions:
         return self.arch in _architectures()
 
     @property
-    def total_nimg(self) -> int:
-        return max(int(round(self.duration * 1e6)), 1)
+    def discrete_model(self) -> bool:
+        """--arch iddpm|guided: improved-/guided-diffusion's model on its own grid (no EDM preconditioner)."""
+        from .architectures import OPENAI_ARCHITECTURES
 
-    def replace(self, **changes) -> "TrainingOptions":
-        return dataclasses.replace(self, **changes)
+        return self.arch in OPENAI_ARCHITECTURES
 
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        for key in ("cres", "phema", "grid_seeds"):
-            if data[key] is not None:
-                data[key] = list(data[key])
-        return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 def _finite(value) -> bool:
@@ -131,6 +193,6 @@ def _finite(value) -> bool:
 
 
 def _architectures():
-    from .architectures import ARCHITECTURES
+    from .architectures import architecture_names
 
-    return ARCHITECTURES
+    return architecture_names()

@@ -98,27 +98,38 @@ class StatsFile:
 
     def truncate_after(self, kimg: float) -> None:
         """Drops the lines of ticks past ``kimg``: a resumed run writes them again."""
-        if not self.path.is_file():
-            return
-        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = []
-        for line in lines:
-            try:
-                if json.loads(line)["Progress/kimg"]["mean"] > kimg + 1e-9:
-                    continue
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut short by a killed run
-            kept.append(line)
-        text = "".join(line + "\n" for line in kept)
-        write_atomic(self.path, lambda f: f.write(text.encode()))
+        truncate_jsonl(self.path, kimg, lambda record: record["Progress/kimg"]["mean"])
 
     def append(self, stats: dict[str, float | dict[str, float]]) -> None:
         record = {k: v if isinstance(v, dict) else {"num": 1, "mean": v, "std": 0.0} for k, v in stats.items()}
         record["timestamp"] = time.time()
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, record)
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Appends one JSON line and syncs it to disk."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate_jsonl(path: Path, kimg: float, kimg_of) -> None:
+    """Drops the lines of a JSON-lines file whose ``kimg_of(record)`` is past ``kimg`` (and lines cut short by a
+    killed run): a resumed run writes them again."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if kimg_of(json.loads(line)) > kimg + 1e-9:
+                continue
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        kept.append(line)
+    text = "".join(line + "\n" for line in kept)
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def format_time(seconds: float) -> str:

@@ -1,4 +1,5 @@
-"""The training inputs of each image position: image, label, sigma, augmentation and noise, drawn per sample.
+"""The training inputs of each image position: image, label, noise-level variates, augmentation and noise, drawn
+per sample.
 
 ``TrainingSamples`` is a map-style torch dataset whose keys are global image positions (see streams.py); the
 data loader's workers therefore do the per-sample drawing in parallel with the training step.
@@ -13,7 +14,7 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
-from ..losses import DenoisingLoss
+from ..losses import TrainingLoss
 from .streams import TrainingStreams
 
 
@@ -41,17 +42,19 @@ class AugmentPipeline(Protocol):
 
 @dataclass
 class TrainingSamples(torch.utils.data.Dataset):
-    """Position p -> (y, labels, sigma, noise, augment_labels), all float32 CPU tensors:
+    """Position p -> (y, labels, variates, noise, augment_labels), CPU tensors:
 
     y = image / 127.5 - 1 (EDM's scaling of uint8 data), augmented if a pipeline is given; labels (empty unless
-    ``use_labels``) zeroed with probability ``label_dropout`` (classifier-free guidance: the unconditional model sees all-zero labels);
-    sigma ~ the loss's p_train, shaped [1, 1, 1]; noise ~ N(0, I) like y (not yet multiplied by sigma);
-    augment_labels [9], or an empty tensor without augmentation.
+    ``use_labels``) zeroed with probability ``label_dropout`` (classifier-free guidance: the unconditional model
+    sees all-zero labels); variates: the loss's random draw of the noise level (``draw_variates``, shaped
+    [1, 1, 1]: sigma ~ p_train itself for EDM's losses), which the loop turns into sigma with the loss's state at
+    step time (``noise_levels``); noise ~ N(0, I) like y (not yet multiplied by sigma); augment_labels [9], or an
+    empty tensor without augmentation. All float32 but the variates, in the loss's dtype.
     """
 
     source: ImageSource
     streams: TrainingStreams
-    loss: DenoisingLoss
+    loss: TrainingLoss
     use_labels: bool = True
     label_dropout: float = 0.0
     augment_pipe: AugmentPipeline | None = None
@@ -59,7 +62,7 @@ class TrainingSamples(torch.utils.data.Dataset):
     def __getitem__(self, position: int):
         image, labels = self.source[self.streams.item(position)]
         generator = self.streams.sample_generator(position)
-        sigma = self.loss.sample_sigma(1, generator).reshape(1, 1, 1)
+        variates = self.loss.draw_variates(1, generator).reshape(1, 1, 1)
         keep = torch.rand([], generator=generator) >= self.label_dropout
         y = torch.from_numpy(np.asarray(image, dtype=np.float32)) / 127.5 - 1
         labels = torch.from_numpy(np.asarray(labels, dtype=np.float32)) * keep if self.use_labels else torch.zeros([0])
@@ -68,7 +71,7 @@ class TrainingSamples(torch.utils.data.Dataset):
             y, augment_labels = self.augment_pipe(y[None], generator=generator)
             y, augment_labels = y[0], augment_labels[0].to(torch.float32)
         noise = torch.randn(y.shape, generator=generator)
-        return y, labels, sigma, noise, augment_labels
+        return y, labels, variates, noise, augment_labels
 
 
 class PositionBatches:

@@ -1,9 +1,11 @@
 """Training-state files (training-state-{kimg:06d}.pt): everything a resumed run needs to continue exactly.
 
 A state is a ``torch.save`` of plain data -- tensors, numbers, strings, lists and dicts -- read back with
-``torch.load(weights_only=True)``: the network, its EMAs (half-life and power), the optimizer, the image count
-and tick counters, the seed and the options as JSON. No generator state is stored: every random draw of
-training is a function of (seed, image position) (streams.py).
+``torch.load(weights_only=True)``: the network, the optimizer, the image count and tick counters, the seed and
+the options as JSON; for a denoiser (``kind`` "denoiser", the default) also its EMAs (half-life and power) and
+the loss's state (the schedule sampler's loss history of the iddpm-* losses); for a noisy classifier (``kind``
+"classifier", ``edm train-classifier``) its config. No generator state is stored: every random draw of training
+is a function of (seed, image position) (streams.py).
 
 Files are written to a temporary name in the same directory, flushed to disk and renamed over the target, so
 a run killed at any moment leaves the previous complete state, never a truncated one.
@@ -27,8 +29,11 @@ from ..errors import CheckpointError
 FORMAT = "edm-toolkit/training-state"
 VERSION = 1
 STATE_PATTERN = re.compile(r"training-state-(\d+)\.pt")
-_REQUIRED = {"nimg": int, "cur_tick": int, "tick_start_nimg": int, "seed": int, "options": str, "denoiser": str,
-             "net": dict, "ema": dict, "power_ema": dict, "optimizer": dict, "elapsed_sec": float}
+_REQUIRED = {"nimg": int, "cur_tick": int, "tick_start_nimg": int, "seed": int, "options": str, "net": dict,
+             "optimizer": dict, "elapsed_sec": float}
+KINDS = {"denoiser": {"denoiser": str, "ema": dict, "power_ema": dict},
+         "classifier": {"classifier": str}}  # what each kind of run adds; the model's config under its kind
+_OPTIONAL = {"loss": dict}
 
 
 def state_name(nimg: int) -> str:
@@ -74,10 +79,16 @@ def load_state(path: str | Path) -> dict[str, Any]:
                               "--resume takes a training-state-*.pt written by 'edm train' or its run directory")
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path} has training-state version {state.get('version')!r}; this toolkit reads {VERSION}")
-    for key, kind in _REQUIRED.items():
-        if not isinstance(state.get(key), kind):
+    kind = state.setdefault("kind", "denoiser")  # states of version 1 before classifiers were all denoisers
+    if kind not in KINDS:
+        raise CheckpointError(f"{path} is a training state of an unknown kind {kind!r}")
+    for key, expected in {**_REQUIRED, **KINDS[kind]}.items():
+        if not isinstance(state.get(key), expected):
             raise CheckpointError(f"{path} is a damaged training state: entry {key!r} is missing or malformed")
-    for key in ("options", "denoiser"):
+    for key, expected in _OPTIONAL.items():
+        if key in state and not isinstance(state[key], expected):
+            raise CheckpointError(f"{path} is a damaged training state: entry {key!r} is malformed")
+    for key in ("options", kind):
         try:
             state[key] = json.loads(state[key])
         except json.JSONDecodeError:

@@ -4,12 +4,14 @@ Training image number p (p = 0, 1, 2, ...; p = nimg + i for sample i of the batc
 
 - its dataset item from a per-epoch permutation: item perm_e[p mod N] with e = p div N, perm_e drawn from
   (seed, e) -- every epoch visits every item once;
-- its own generator, seeded from (seed, p), that draws in this order: sigma (the loss's p_train), the label
-  dropout coin, the augmentation, the noise n.
+- its own generator, seeded from (seed, p), that draws in this order: the loss's noise-level variates (sigma
+  ~ p_train itself for EDM's losses; a uniform number that the iddpm-* losses map to a step through their schedule
+  sampler's p_t at step time), the label dropout coin, the augmentation, the noise n.
 
 Everything a training step draws is therefore a function of (seed, p): the result does not depend on the
 number of processes, on gradient accumulation, on data-loader workers, or on where a run was resumed, and a
-resumed run needs no saved generator state, only the image count. The one exception is dropout inside the
+resumed run needs no saved generator state, only the image count (and the state of a stateful loss, which the
+training state holds). The one exception is dropout inside the
 network, which draws from torch's global generator; it is reseeded per micro-batch from (seed, first p of the
 micro-batch), so it is reproducible on resume but depends on how the batch is split.
 """

@@ -1,0 +1,64 @@
+"""edm train-classifier: ADM's noisy classifier (guided-diffusion's classifier_train.py) in the toolkit's loop."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("train-classifier", context_settings={"show_default": True})
+@click.option("--outdir", required=True, metavar="DIR", help="Where to save the results")
+@click.option("--data", required=True, metavar="ZIP|DIR", help="Labelled dataset (EDM's layout, see 'edm dataset')")
+@click.option("--model-flags", default=None, metavar="FLAGS",
+              help="The classifier's flags in the original syntax, e.g. \"--classifier_depth 4\" (unset: "
+                   "guided-diffusion's defaults; --image_size is the data's; --channel_mult and --num_head_channels "
+                   "override what create_classifier hard-codes)")
+@click.option("--noise-schedule", type=click.Choice(["linear", "cosine"]), default=None,
+              help="The beta schedule of the diffusion it will guide (= the flag --noise_schedule)  [default: linear]")
+@click.option("--diffusion-steps", type=click.IntRange(min=1), default=None, metavar="T",
+              help="The diffusion's number of steps (= the flag --diffusion_steps)  [default: 1000]")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=76.8, metavar="MIMG",
+              help="Training duration (300k iterations of 256 images)")
+@click.option("--batch", type=click.IntRange(min=1), default=256, metavar="INT", help="Total batch size")
+@click.option("--batch-gpu", type=click.IntRange(min=1), default=None, metavar="INT",
+              help="Limit batch size per process (gradient accumulation)")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, metavar="FLOAT",
+              help="Learning rate (AdamW)")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.05, metavar="FLOAT", help="AdamW weight decay")
+@click.option("--anneal-lr", type=bool, default=True, metavar="BOOL",
+              help="Anneal the learning rate linearly to 0 over the run")
+@click.option("--random-crop", type=bool, default=True, metavar="BOOL",
+              help="guided-diffusion's random crop (resize to [R, R/0.8], crop R x R)")
+@click.option("--random-flip", type=bool, default=True, metavar="BOOL", help="Horizontal flip with probability 1/2")
+@click.option("--xflip", type=bool, default=False, metavar="BOOL", help="Enable dataset x-flips (EDM's)")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", help="Network precision")
+@click.option("--compile", "compile_net", is_flag=True, help="torch.compile the classifier")
+@click.option("--ls", type=click.FloatRange(min=0, min_open=True), default=1, metavar="FLOAT", help="Loss scaling")
+@click.option("--bench", type=bool, default=True, metavar="BOOL", help="Enable cuDNN benchmarking")
+@click.option("--cache", type=bool, default=True, metavar="BOOL", help="Cache dataset in CPU memory")
+@click.option("--workers", type=click.IntRange(min=0), default=1, metavar="INT",
+              help="DataLoader worker processes (0: load in the training process)")
+@click.option("--device", default=None, metavar="DEVICE", help="Torch device  [default: cuda if available, else cpu]")
+@click.option("--desc", default=None, metavar="STR", help="String to include in result dir name")
+@click.option("--nosubdir", is_flag=True, help="Do not create a subdirectory for results")
+@click.option("--tick", type=click.FloatRange(min=0, min_open=True), default=50, metavar="KIMG",
+              help="How often to print progress")
+@click.option("--snap", type=click.IntRange(min=1), default=50, metavar="TICKS", help="How often to save snapshots")
+@click.option("--dump", type=click.IntRange(min=1), default=500, metavar="TICKS", help="How often to dump state")
+@click.option("--seed", type=click.IntRange(min=0), default=None, metavar="INT", help="Random seed  [default: random]")
+@click.option("--resume", default=None, metavar="PT|DIR|auto",
+              help="Resume from a training state, the latest one in a run directory, or 'auto'")
+def train_classifier(compile_net, **options):
+    """Train ADM's noisy classifier p(y | x_t, t) for classifier guidance (Dhariwal & Nichol 2021).
+
+    t is uniform over the diffusion's T steps; the defaults are guided-diffusion's published classifier flags
+    (AdamW, lr 3e-4, weight decay 0.05, batch 256, annealed lr, random crop and flip). Snapshots
+    classifier-snapshot-KIMG.pt drive 'edm generate --classifier' directly.
+
+    \b
+    Examples:
+      edm train-classifier --outdir runs --data imagenet-64x64.zip --model-flags "--classifier_depth 4"
+      edm generate --network 64x64_diffusion.pt --classifier runs/.../classifier-snapshot-076800.pt --seeds 0-63
+    """
+    from ..training.classifier import ClassifierOptions, ClassifierTrainer
+
+    ClassifierTrainer(ClassifierOptions(**options, compile=compile_net)).run()
