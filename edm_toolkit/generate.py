@@ -18,8 +18,9 @@ from PIL import Image
 
 from .distributed import ProcessGroup, rank_batches
 from .errors import EDMToolkitError
-from .images import image_path, make_grid, save_png, to_uint8
+from .images import decode_image, image_path, make_grid, save_png, to_uint8
 from .outputs import remove_stale_temp_files
+from .protocol import BoundInputs
 from .rng import SeedGenerators
 from .sampling import Sampler, StepInfo
 
@@ -159,9 +160,12 @@ def existing_seeds(outdir: str | Path, seeds: Sequence[int], subdirs: bool = Fal
 def generate_images(
     net, sampler: Sampler, seeds: Sequence[int], outdir: str | Path, *, max_batch_size: int = 64,
     class_idx: int | None = None, subdirs: bool = False, device="cpu", group: ProcessGroup = ProcessGroup(),
-    progress: bool = True, plan=None, skip_existing: bool = False,
+    progress: bool = True, plan=None, skip_existing: bool = False, upsample_from: str | Path | None = None,
 ) -> list[Path]:
     """Writes one PNG per seed (this process's share of the seeds); returns the paths it wrote.
+
+    With ``upsample_from`` (a cascade), ``net`` is an upsampler conditioned on the PNG of each seed found in that
+    directory (:func:`upsample_batch`).
 
     Temporary files that killed runs left in the output directories are removed first. With ``skip_existing``,
     seeds whose PNG already exists are left out (an image depends only on its seed, so a resumed run writes the
@@ -188,7 +192,11 @@ def generate_images(
         for batch_seeds in batches:
             if not batch_seeds:
                 continue
-            images = sample_batch(net, sampler, batch_seeds, device, class_idx, callback=meter.step, plan=plan)
+            if upsample_from is None:
+                images = sample_batch(net, sampler, batch_seeds, device, class_idx, callback=meter.step, plan=plan)
+            else:
+                images = upsample_batch(net, sampler, read_low_res(upsample_from, batch_seeds, subdirs), batch_seeds,
+                                        device, class_idx=class_idx, callback=meter.step, plan=plan)
             check_finite(images, batch_seeds)
             for seed, image in zip(batch_seeds, to_uint8(images)):
                 path = image_path(outdir, seed, subdirs)
@@ -198,6 +206,76 @@ def generate_images(
     finally:
         meter.close()
     return written
+
+
+def low_res_from_uint8(images, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 low-resolution images [N, C, h, w] (a tensor or array; or [N, h, w, C] arrays as read from PNG
+    files, recognised by C in (1, 3) last) -> float32 [N, C, h, w] in [-1, 1], as the training data is scaled."""
+    array = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    if array.dtype != torch.uint8 or array.ndim != 4:
+        raise EDMToolkitError(f"low-resolution images must be uint8 [N, C, h, w], got {array.dtype} "
+                              f"{list(array.shape)}")
+    if array.shape[1] not in (1, 3) and array.shape[3] in (1, 3):
+        array = array.permute(0, 3, 1, 2)
+    return array.to(device, torch.float32) / 127.5 - 1
+
+
+def upsample_batch(net, sampler, low_res_uint8, seeds: Sequence[int], device: torch.device | str = "cpu", *,
+                   class_labels: torch.Tensor | None = None, class_idx: int | None = None,
+                   callback: Callable | None = None, plan=None) -> torch.Tensor:
+    """High-resolution samples (float64 [N, C, H, W] in [-1, 1]) of the upsampler ``net`` conditioned on the
+    low-resolution images ``low_res_uint8`` (uint8, one per seed, see :func:`low_res_from_uint8`).
+
+    The noise of image i comes from its seed alone (:func:`~edm_toolkit.generate.sample_batch`), so an image
+    depends on its seed and its low-resolution input, not on the batch. A class-conditional upsampler takes the
+    classes of the low-resolution samples as one-hot ``class_labels`` [N, label_dim], or one ``class_idx``; by
+    default each seed's class is the one a base model of the same classes drew for it
+    (:func:`base_class_labels`).
+    """
+
+    seeds = [int(s) for s in seeds]
+    low_res = low_res_from_uint8(low_res_uint8, device)
+    if len(low_res) != len(seeds):
+        raise EDMToolkitError(f"{len(low_res)} low-resolution images for {len(seeds)} seeds; give one per seed")
+    if low_res.shape[1] != net.img_channels:
+        raise EDMToolkitError(f"the low-resolution images have {low_res.shape[1]} channels, the upsampler makes "
+                              f"{net.img_channels}")
+    if low_res.shape[-1] >= net.img_resolution:
+        raise EDMToolkitError(f"the low-resolution images are {low_res.shape[-1]}x{low_res.shape[-2]}, not smaller "
+                              f"than the upsampler's {net.img_resolution}x{net.img_resolution}")
+    check_class(net, class_idx)
+    if class_labels is not None:
+        class_labels = torch.as_tensor(class_labels, dtype=torch.float32, device=device)
+    elif net.label_dim and class_idx is None:
+        class_labels = base_class_labels(seeds, low_res.shape[1:], net.label_dim, device)
+    return sample_batch(BoundInputs(net, low_res=low_res), sampler, seeds, device, class_idx, callback=callback,
+                        class_labels=class_labels, plan=plan)
+
+
+def base_class_labels(seeds: Sequence[int], low_res_shape: Sequence[int], label_dim: int, device) -> torch.Tensor:
+    """One-hot classes [N, label_dim] that ``edm generate`` drew for ``seeds`` from a conditional base model of
+    ``label_dim`` classes making images of ``low_res_shape`` [C, h, w]: EDM's per-seed generator draws the
+    latent, then the class, so the class follows from the seed and the base image's shape."""
+    rnd = SeedGenerators(seeds, device)
+    rnd.randn([len(seeds), *low_res_shape], device=device)  # the base model's latents, drawn first
+    return torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[len(seeds)], device=device)]
+
+
+def read_low_res(directory: str | Path, seeds: Sequence[int], subdirs: bool = False) -> np.ndarray:
+    """The base model's PNGs of ``seeds`` in ``directory`` (EDM's layout) as uint8 [N, h, w, C]; a missing or
+    mismatched image is an error naming it."""
+    images = []
+    for seed in seeds:
+        path = image_path(directory, seed, subdirs)
+        if not path.is_file():
+            raise EDMToolkitError(f"--upsample-from: {path} not found; generate the low-resolution images of the "
+                                  "same seeds first (edm generate --network BASE --outdir DIR)")
+        with path.open("rb") as file:
+            image = decode_image(file, str(path))
+        if images and image.shape != images[0].shape:
+            raise EDMToolkitError(f"--upsample-from: {path} is {list(image.shape)}, the others {list(images[0].shape)}")
+        images.append(image)
+    return np.stack(images)
 
 
 def check_finite(images: torch.Tensor, seeds: Sequence[int]) -> None:

@@ -122,9 +122,15 @@ def decode_image(file: IO[bytes], where: str, *, rgb: bool = False) -> np.ndarra
     return array[:, :, np.newaxis] if array.ndim == 2 else array
 
 
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """float images [N, C, H, W] in [-1, 1] -> uint8 [N, C, H, W], as EDM's generate.py: (x 127.5 + 128).clip(0,
+    255)."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C], as EDM's generate.py: (x 127.5 + 128).clip(0, 255)."""
-    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] numpy arrays, as PNG files hold them (:func:`quantize`)."""
+    return quantize(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_png(image: np.ndarray, path: str | Path) -> None:

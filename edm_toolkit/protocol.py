@@ -155,7 +155,7 @@ class BoundInputs(DenoiserWrapper):
     by every image); they go to the network as ``model_kwargs`` of both ``forward`` and
     ``denoise_with_variance`` (ADM's upsampler: ``low_res``, the low-resolution image in [-1, 1]). Keyword
     arguments given to a call as well are refused rather than silently replaced. Bound per batch: by the
-    trainer of an upsampler and by a cascade (``edm_toolkit.training.upsampling.upsample_batch``).
+    trainer of an upsampler and by a cascade (``edm_toolkit.generate.upsample_batch``).
     """
 
     def __init__(self, denoiser: nn.Module, **inputs: torch.Tensor):

@@ -21,7 +21,8 @@ from edm_toolkit.generate import generate_images
 from edm_toolkit.ideal import IdealDenoiser
 from edm_toolkit.loading import load_model
 from edm_toolkit.metrics.detector_files import detector_from_state_dict
-from edm_toolkit.metrics.generated import generated_statistics, quantize
+from edm_toolkit.images import quantize
+from edm_toolkit.metrics.generated import generated_statistics
 from edm_toolkit.metrics.statistics import FeatureStatistics, FIDStatistics
 from edm_toolkit.presets import load_preset
 from edm_toolkit.sampling import Sampler
@@ -148,3 +149,37 @@ def test_metric_options_are_checked_before_anything_is_written(detector_file, tm
     fails_cleanly(short_run(data, out, "--metrics", "fid2", "--ref", tmp_path / "ref.npz",
                             "--detector", tmp_path / "nowhere.pt"), "nowhere.pt")
     assert not out.exists()
+
+
+def test_generate_fid_measures_without_writing(net, detector_file, tmp_path):
+    """edm generate --fid: FID of the images as they are generated, no PNG written. Against the statistics of the
+    PNGs that edm generate writes for the same seeds the distance is 0 (the same images), against other seeds
+    it is not; a wrong combination of options is one line."""
+    from click.testing import CliRunner
+
+    from edm_toolkit.checkpoints import save_model
+    from edm_toolkit.cli import main
+
+    path, detector = detector_file
+    save_model(net, tmp_path / "net.pt")
+    paths = generate_images(net, SAMPLER, range(8), tmp_path / "pngs", progress=False)
+    statistics_of(detector, np.stack([np.asarray(Image.open(p))[None] for p in paths])).save(tmp_path / "ref.npz")
+    runner = CliRunner()
+    common = ["generate", "--network", str(tmp_path / "net.pt"), "--fid", str(tmp_path / "ref.npz"), "--detector",
+              str(path), "--steps", "6", "--batch", "3"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    same = runner.invoke(main, [*common, "--num", "8"])
+    assert same.exit_code == 0, same.stderr
+    assert abs(float(same.stdout.strip())) < 1e-6
+    other = runner.invoke(main, [*common, "--seeds", "100-107"])
+    assert other.exit_code == 0 and float(other.stdout.strip()) > 1e-3
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    for extra, message in ((["--num", "8", "--outdir", str(tmp_path / "o")], "drop --outdir"),
+                           (["--num", "8", "--seeds", "0-3"], "either as --seeds or as --num")):
+        result = runner.invoke(main, [*common, *extra])
+        assert result.exit_code == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr
+    result = runner.invoke(main, ["generate", "--network", str(tmp_path / "net.pt"), "--num", "8"])
+    assert result.exit_code == 2 and "--outdir" in result.stderr
+    FIDStatistics(np.zeros(3), np.eye(3)).save(tmp_path / "small.npz")
+    result = runner.invoke(main, [*common[:3], "--fid", str(tmp_path / "small.npz"), "--num", "4"])
+    assert result.exit_code == 2 and "3-dimensional statistics" in result.stderr

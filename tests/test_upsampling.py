@@ -7,17 +7,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
+from PIL import Image
 
+from edm_toolkit.checkpoints import save_model
+from edm_toolkit.cli import main
 from edm_toolkit.errors import ConfigError, EDMToolkitError
-from edm_toolkit.generate import sample_batch
+from edm_toolkit.generate import low_res_from_uint8, sample_batch, upsample_batch
 from edm_toolkit.ideal import IdealDenoiser
+from edm_toolkit.images import quantize, to_uint8
 from edm_toolkit.loading import load_model
-from edm_toolkit.metrics.generated import quantize
 from edm_toolkit.protocol import BoundInputs, DenoiserBase
 from edm_toolkit.sampling import Sampler
 from edm_toolkit.training import TrainingOptions, train
 from edm_toolkit.training.dataset import ImageDataset
-from edm_toolkit.training.upsampling import area_downsample, low_res_from_uint8, upsample_batch
 
 from test_training import make_dataset
 
@@ -65,10 +68,10 @@ def test_bound_inputs_reach_every_call():
         BoundInputs(net)
 
 
-def test_area_downsampling_averages_blocks():
-    images = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    expected = images.reshape(2, 3, 4, 2, 4, 2).mean(dim=(3, 5))
-    torch.testing.assert_close(area_downsample(images, 4), expected, rtol=0, atol=1e-12)
+def area_downsample(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The original's downsampling for the low-resolution input: the mean of each block."""
+    n, c, h, w = images.shape
+    return images.reshape(n, c, size, h // size, size, w // size).mean(dim=(3, 5))
 
 
 def test_low_res_images_scale_like_training_data():
@@ -133,6 +136,33 @@ def test_cascade_is_per_seed_deterministic_across_batch_sizes(data, upsampler):
     assert torch.equal(together, pairs) and torch.equal(together, alone)
     other_seeds = quantize(upsample_batch(upsampler, sampler, low, [s + 1 for s in seeds]))
     assert not torch.equal(together, other_seeds)  # the noise is the seed's
+
+
+def test_cascade_through_the_cli(data, upsampler, tmp_path):
+    """edm generate --upsample-from: the base model's PNGs in, the upsampler's PNGs out, the same bytes as
+    upsample_batch gives and whatever the batch size."""
+    base = IdealDenoiser(area_downsample(dataset_images(data), 4).double())
+    save_model(base, tmp_path / "base.pt")
+    save_model(upsampler, tmp_path / "sr.pt")
+    runner = CliRunner()
+    common = ["--seeds", "0-4", "--solver", "ddpm", "--steps", "6"]
+    result = runner.invoke(main, ["generate", "--network", str(tmp_path / "base.pt"), "--outdir", str(tmp_path / "low"),
+                                  "--seeds", "0-4", "--steps", "8"])
+    assert result.exit_code == 0, result.stderr
+    for batch in (5, 2):
+        result = runner.invoke(main, ["generate", "--network", str(tmp_path / "sr.pt"), "--upsample-from",
+                                      str(tmp_path / "low"), "--outdir", str(tmp_path / f"high{batch}"), "--batch",
+                                      str(batch), *common])
+        assert result.exit_code == 0, result.stderr
+    low = np.stack([np.asarray(Image.open(tmp_path / "low" / f"{s:06d}.png"))[:, :, None] for s in range(5)])
+    expected = to_uint8(upsample_batch(upsampler, Sampler(solver="ddpm", num_steps=6), low, range(5)))
+    for batch in (5, 2):
+        written = np.stack([np.asarray(Image.open(tmp_path / f"high{batch}" / f"{s:06d}.png")) for s in range(5)])
+        assert written.shape == (5, 8, 8) and np.array_equal(written, expected[..., 0])
+    (tmp_path / "low" / "000003.png").unlink()
+    result = runner.invoke(main, ["generate", "--network", str(tmp_path / "sr.pt"), "--upsample-from",
+                                  str(tmp_path / "low"), "--outdir", str(tmp_path / "missing"), *common])
+    assert result.exit_code == 1 and "000003.png not found" in result.stderr.strip().splitlines()[-1]
 
 
 def test_cascade_refuses_mismatched_inputs(upsampler):

@@ -24,8 +24,8 @@ def _choice(registry):
 @click.command(context_settings={"show_default": True})
 @click.option("--network", "network_path", metavar="PATH", default=None,
               help="Model file to sample  [default: the built-in model, no download]")
-@click.option("--outdir", required=True, metavar="DIR", type=OutputDir(),
-              help="Where to save the output images")
+@click.option("--outdir", default=None, metavar="DIR", type=OutputDir(),
+              help="Where to save the output images  [required, except with --fid]")
 @click.option("--seeds", type=Seeds(), default="0-63",
               help="Random seeds (e.g. 1,2,5-10), each in 0..2**32-1, at most 1,000,000")
 @click.option("--subdirs", is_flag=True, help="Create a subdirectory for every 1000 seeds")
@@ -73,6 +73,16 @@ def _choice(registry):
               help="The classifier's flags in the original syntax, where its file name does not tell")
 @click.option("--guidance-interval", type=Interval(), default=None, metavar="LO,HI",
               help="Guide only where LO <= sigma <= HI (HI may be inf)")
+@click.option("--upsample-from", "upsample_from", default=None, metavar="DIR", type=click.Path(file_okay=False),
+              help="Cascade: --network is an upsampler conditioned on the PNG of each seed in DIR (a base model's "
+                   "output)")
+@click.option("--fid", "fid_ref", default=None, metavar="REF.npz",
+              help="Compute FID against these reference statistics (EDM's fid.py format) on the images as they are "
+                   "generated, writing no PNG")
+@click.option("--num", type=Count(min=2, max=1_000_000), default=None, metavar="INT",
+              help="With --fid: the number of images, seeds 0..INT-1  [default: --seeds]")
+@click.option("--detector", "detector_path", default=None, metavar="PATH",
+              help="With --fid: the Inception weights (see 'edm fid --help' for where they are found)")
 @click.option("--grid", is_flag=True, help="Also write all images as one PNG grid, DIR/grid.png")
 @click.option("--skip-existing", is_flag=True,
               help="Leave out seeds whose PNG already exists: continue an interrupted run where it stopped")
@@ -85,7 +95,8 @@ def _choice(registry):
 @click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (slow start, faster steps)")
 def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, preset, grid, skip_existing, device,
              model_flags, model_config, weights, precision, channels_last, compile_net, solver_opts, guidance,
-             guide_network, classifier_path, classifier_scale, classifier_flags, guidance_interval, **options):
+             guide_network, classifier_path, classifier_scale, classifier_flags, guidance_interval, upsample_from,
+             fid_ref, num, detector_path, **options):
     """Generate images with any sampler of the design space (EDM's generate.py options).
 
     \b
@@ -94,6 +105,8 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
       edm generate --solver heun --steps 35 --outdir out
       edm generate --preset vp --network model.pt --outdir out --disc edm --schedule linear --scaling none
       edm generate --outdir out --seeds 0-49999 --skip-existing  # continue an interrupted run
+      edm generate --network model.pt --fid cifar10-32x32.npz --num 50000  # FID, no PNG written
+      edm generate --network sr.pt --upsample-from low --outdir high --solver ddpm --steps 250
       torchrun --standalone --nproc_per_node=2 -m edm_toolkit generate --outdir out --seeds 0-999
     """
     import torch
@@ -102,6 +115,17 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
     from ..generate import check_class, check_outputs, generate_images, write_grid
     from ..inference import InferenceOptions, optimize
 
+    if fid_ref is not None:
+        _check_fid_options(outdir, grid, subdirs, skip_existing, upsample_from)
+        if num is not None:
+            if click.get_current_context().get_parameter_source("seeds") is not click.core.ParameterSource.DEFAULT:
+                raise click.UsageError("give the images either as --seeds or as --num, not both")
+            seeds = list(range(num))
+    elif outdir is None:
+        raise click.UsageError("Missing option '--outdir' (or --fid REF.npz to measure without writing images)")
+    elif num is not None or detector_path is not None:
+        raise click.UsageError(f"{'--num' if num is not None else '--detector'} applies to --fid; add --fid REF.npz "
+                               "or drop it")
     if not seeds:
         raise click.BadParameter("no seeds given", param_hint="'--seeds'")
     for flag, value in (("--model-flags", model_flags), ("--model-config", model_config)):
@@ -111,7 +135,9 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
                             guidance_interval)
     device = resolve_device(device)
     sampler = _sampler_from_options(preset, options, solver_opts)
-    check_outputs(outdir, seeds, subdirs, extra=["grid.png"] if grid else [])  # nothing in the way, before any work
+    if outdir is not None:
+        check_outputs(outdir, seeds, subdirs, extra=["grid.png"] if grid else [])  # nothing in the way, before any work
+    reference = _fid_reference(fid_ref) if fid_ref is not None else None
     group = init_from_env(device.type)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", group.local_rank)
@@ -126,10 +152,18 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
         plan = sampler.plan(net, device)  # fail now on an impossible combination, not after loading every rank
         if group.rank == 0:
             at_least = "" if sampler.solver.fixed_cost else "at least "
-            click.echo(f"Generating {len(seeds)} images to {str(outdir)!r} ({_describe(sampler, plan)}, "
+            where = f"for FID against {fid_ref}" if reference is not None else f"to {str(outdir)!r}"
+            click.echo(f"Generating {len(seeds)} images {where} ({_describe(sampler, plan)}, "
                        f"{at_least}{plan.nfe} denoiser calls per image, {device})", err=True)
+        if reference is not None:
+            value = _generated_fid(net, sampler, seeds, reference, detector_path, max_batch_size, device, group,
+                                   class_idx, plan)
+            if group.rank == 0:
+                click.echo(f"{value:g}")
+            return
         generate_images(net, sampler, seeds, outdir, max_batch_size=max_batch_size, class_idx=class_idx,
-                        subdirs=subdirs, device=device, group=group, plan=plan, skip_existing=skip_existing)
+                        subdirs=subdirs, device=device, group=group, plan=plan, skip_existing=skip_existing,
+                        upsample_from=upsample_from)
         group.barrier()
         if group.rank == 0:
             if grid:
@@ -137,6 +171,43 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
             click.echo("Done.", err=True)
     finally:
         shutdown()
+
+
+def _check_fid_options(outdir, grid, subdirs, skip_existing, upsample_from):
+    given = [flag for flag, value in (("--outdir", outdir), ("--grid", grid), ("--subdirs", subdirs),
+                                      ("--skip-existing", skip_existing), ("--upsample-from", upsample_from)) if value]
+    if given:
+        raise click.UsageError(f"--fid measures the images without writing them; drop {given[0]} (or write PNGs "
+                               "and run 'edm fid calc' on them)")
+
+
+def _fid_reference(path):
+    """The reference statistics, read (and checked) before any work."""
+    from ..metrics import FIDStatistics
+    from ..metrics.inception import FEATURE_DIM
+
+    reference = FIDStatistics.load(path)
+    if reference.mu.shape[0] != FEATURE_DIM:
+        raise click.BadParameter(f"{path} holds {reference.mu.shape[0]}-dimensional statistics, not the Inception "
+                                 f"pool features' {FEATURE_DIM}; make it with 'edm fid ref'", param_hint="'--fid'")
+    return reference
+
+
+def _generated_fid(net, sampler, seeds, reference, detector_path, batch, device, group, class_idx, plan) -> float:
+    """FID of the generated images against ``reference``: the detector's statistics accumulated batch by batch
+    (edm_toolkit.metrics.generated), the sums added across torchrun ranks."""
+    from ..generate import Progress
+    from ..metrics import load_detector
+    from ..metrics.generated import generated_statistics
+
+    detector = load_detector(detector_path, device)
+    meter = Progress(len(seeds), plan.nfe, enabled=group.rank == 0)
+    try:
+        stats = generated_statistics(net, sampler, seeds, detector, batch_size=batch, device=device, group=group,
+                                     class_idx=class_idx, progress=meter.batch_done)
+    finally:
+        meter.close()
+    return stats.frechet_distance(reference)
 
 
 def _check_guidance_options(guidance, guide_network, classifier_path, classifier_scale, classifier_flags, interval):

@@ -16,16 +16,12 @@ import torch
 
 from ..distributed import ProcessGroup, rank_batches
 from ..errors import EDMToolkitError
+from ..images import quantize
 from .inception import InceptionV3
 from .pipeline import accumulate
 from .statistics import FIDStatistics
 
-__all__ = ["generated_statistics", "quantize"]
-
-
-def quantize(images: torch.Tensor) -> torch.Tensor:
-    """float images [N, C, H, W] in [-1, 1] -> uint8 [N, C, H, W], as EDM's generate.py writes them."""
-    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+__all__ = ["generated_statistics"]
 
 
 def generated_statistics(net, sampler, seeds: Sequence[int], detector: InceptionV3, *, batch_size: int = 64,
@@ -39,7 +35,7 @@ def generated_statistics(net, sampler, seeds: Sequence[int], detector: Inception
     and covariance are taken (every rank gets them). ``class_idx`` fixes the class of a conditional network
     (default: drawn per seed); ``progress(n)`` is called after each batch of this rank's n images.
     """
-    from ..generate import check_class, sample_batch
+    from ..generate import check_class, check_finite, sample_batch
 
     seeds = [int(s) for s in seeds]
     if len(seeds) < 2:
@@ -54,6 +50,7 @@ def generated_statistics(net, sampler, seeds: Sequence[int], detector: Inception
         for batch_seeds in rank_batches(seeds, batch_size, group):
             if batch_seeds:
                 images = sample_batch(net, sampler, batch_seeds, device, class_idx, plan=plan)
+                check_finite(images, batch_seeds)
                 yield quantize(images)
 
     activations = accumulate(detector, batches(), progress=progress)

@@ -51,7 +51,6 @@ from .run_dir import (RunLog, StatsFile, append_jsonl, create_run_dir, find_run_
 from .samples import ImageSource, PositionBatches, TrainingSamples
 from .state import latest_state, load_state, remove_stale_temporaries, save_state, state_name
 from .streams import TrainingStreams
-from .upsampling import area_downsample
 
 AUGMENT_DIM = 9  # EDM's augment labels: xflip, yflip, scale, rotate (2), aniso (2), translate (2)
 
@@ -606,10 +605,12 @@ class Trainer(TrainingRun):
 
     def _bound(self, net, y: torch.Tensor):
         """The denoiser the loss sees for clean images y: an upsampler gets their area-downsampled version bound as
-        its low_res input (the original's super_res_train.py)."""
+        its low_res input (the original's super_res_train.py: ``F.interpolate(large, small, mode="area")``, no
+        noise augmentation)."""
         if self.low_res_size is None:
             return net
-        return BoundInputs(net, low_res=area_downsample(y, self.low_res_size))
+        size = (self.low_res_size, self.low_res_size)
+        return BoundInputs(net, low_res=torch.nn.functional.interpolate(y, size, mode="area"))
 
     def _summary_inputs(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """One zero image at sigma 1 with zero labels (and zero augment labels or low-resolution input): the
