@@ -3,8 +3,8 @@
 A model file is a ``torch.save`` of a plain dict {"format", "version", "config" (JSON text), "state_dict"}
 and is read back with ``torch.load(weights_only=True)``, which admits only tensors and plain containers; or,
 when the path ends in ``.safetensors``, a safetensors file whose metadata holds the same header and JSON config
-(read and written by :mod:`edm_toolkit.tensorfile`, no extra package needed). The config names a model type
-from the closed registry of :mod:`edm_toolkit.formats` (no class names are looked up at run time) together
+(read and written by :mod:`edm_toolkit.io.tensorfile`, no extra package needed). The config names a model type
+from the closed registry of :mod:`edm_toolkit.io.formats` (no class names are looked up at run time) together
 with its constructor arguments; the model is rebuilt within the bounds the tensors set and its weights are
 loaded with strict key and shape checks. Files are recognised by content, whatever their name.
 """
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .formats import (
+from .io.formats import (
     MODEL_TYPES,
     FileSource,
     LoadOptions,
@@ -36,9 +36,9 @@ from .formats import (
 )
 from .ideal import IdealDenoiser
 from .networks.registry import network_config
-from .outputs import write_atomically
+from .io.outputs import write_atomically
 from .precond import Preconditioner, build_precond
-from .tensorfile import write_safetensors
+from .io.tensorfile import write_safetensors
 
 __all__ = ["FORMAT", "TOOLKIT", "VERSION", "read_model_file", "save_model"]
 

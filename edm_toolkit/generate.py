@@ -18,8 +18,8 @@ from PIL import Image
 
 from .distributed import ProcessGroup, rank_batches
 from .errors import EDMToolkitError
-from .images import decode_image, image_path, make_grid, save_png, to_uint8
-from .outputs import remove_stale_temp_files
+from .io.images import decode_image, image_path, make_grid, save_png, to_uint8
+from .io.outputs import remove_stale_temp_files
 from .protocol import BoundInputs
 from .rng import SeedGenerators
 from .sampling import Sampler, StepInfo

@@ -9,7 +9,7 @@
 | detector-nvidia-pickle, detector-torchscript, detector-state-dict | the FID Inception detector's files (kind "detector") | restricted reader (metrics.detector_files) |
 
 This is the one module that knows every format: it imports them (each registers itself with
-:mod:`edm_toolkit.formats`) and dispatches on what :func:`identify` finds. :func:`inspect_file` describes a file of
+:mod:`edm_toolkit.io.formats`) and dispatches on what :func:`identify` finds. :func:`inspect_file` describes a file of
 any kind; :func:`load_denoiser` refuses one that holds no denoiser (an FID detector: load that with
 :func:`edm_toolkit.metrics.load_detector`). Every read is bounded by the file's content (docs/security.md).
 """
@@ -27,10 +27,10 @@ from torch import nn
 from . import checkpoints
 from .adapters import edm_pickle, openai, score_sde  # noqa: F401  (each registers its file format)
 from .errors import CheckpointError
-from .formats import DENOISER, FORMATS, FileSource, LoadOptions, check_kind, check_options
-from .formats import identify as _identify
+from .io.formats import DENOISER, FORMATS, FileSource, LoadOptions, check_kind, check_options
+from .io.formats import identify as _identify
 from .metrics import detector_files  # noqa: F401  (registers the FID detector's file formats)
-from .outputs import check_output_path
+from .io.outputs import check_output_path
 
 __all__ = ["FORMATS", "convert_file", "identify", "inspect_file", "load_denoiser", "load_model"]
 

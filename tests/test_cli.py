@@ -15,7 +15,7 @@ from edm_toolkit.checkpoints import save_model
 from edm_toolkit.cli import main
 from edm_toolkit.default_model import default_model
 from edm_toolkit.generate import sample_batch
-from edm_toolkit.images import save_png, to_uint8
+from edm_toolkit.io.images import save_png, to_uint8
 from edm_toolkit.sampling import Churn, Sampler
 
 

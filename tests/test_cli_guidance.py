@@ -40,7 +40,7 @@ def gd_files(load_fixture, tmp_path):
 def test_ddim_and_ddpm_through_the_cli(load_fixture, tmp_path):
     from edm_toolkit.generate import sample_batch
     from edm_toolkit.sampling import Sampler
-    from edm_toolkit.images import to_uint8
+    from edm_toolkit.io.images import to_uint8
     from edm_toolkit.loading import load_denoiser
 
     model, flags, _, _ = gd_files(load_fixture, tmp_path)

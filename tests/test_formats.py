@@ -24,9 +24,9 @@ from edm_toolkit.adapters import edm_pickle
 from edm_toolkit.checkpoints import FORMAT, save_model
 from edm_toolkit.cli import main
 from edm_toolkit.errors import CheckpointError, CheckpointWarning, EDMToolkitError
-from edm_toolkit.formats import FORMATS
+from edm_toolkit.io.formats import FORMATS
 from edm_toolkit.loading import identify, inspect_file, load_denoiser
-from edm_toolkit.tensorfile import read_safetensors, write_safetensors
+from edm_toolkit.io.tensorfile import read_safetensors, write_safetensors
 
 GENERATE = ["--seeds", "0", "--steps", "2", "--batch", "1", "--class", "1"]
 

@@ -21,7 +21,7 @@ from edm_toolkit.generate import generate_images
 from edm_toolkit.ideal import IdealDenoiser
 from edm_toolkit.loading import load_model
 from edm_toolkit.metrics.detector_files import detector_from_state_dict
-from edm_toolkit.images import quantize
+from edm_toolkit.io.images import quantize
 from edm_toolkit.metrics.generated import generated_statistics
 from edm_toolkit.metrics.statistics import FeatureStatistics, FIDStatistics
 from edm_toolkit.presets import load_preset

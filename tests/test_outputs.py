@@ -23,8 +23,8 @@ from edm_toolkit.default_model import default_dataset, default_model
 from edm_toolkit.errors import EDMToolkitError
 from edm_toolkit.generate import generate_images
 from edm_toolkit.ideal import IdealDenoiser
-from edm_toolkit.images import save_png
-from edm_toolkit.outputs import remove_stale_temp_files, temp_name, write_atomically
+from edm_toolkit.io.images import save_png
+from edm_toolkit.io.outputs import remove_stale_temp_files, temp_name, write_atomically
 from edm_toolkit.sampling import Sampler
 
 FAST = ["--steps", "2"]
@@ -115,7 +115,7 @@ def test_the_next_run_removes_temporary_files_of_killed_runs(tmp_path, one_threa
     out.mkdir()
     # A run killed (SIGKILL) while its temporary file was open: nothing of it could clean up.
     script = ("import pathlib, sys, time\n"
-              "from edm_toolkit.outputs import temp_name\n"
+              "from edm_toolkit.io.outputs import temp_name\n"
               "tmp = temp_name(pathlib.Path(sys.argv[1]) / '000003.png')\n"
               "tmp.write_bytes(b'partial png')\n"
               "print(tmp, flush=True)\n"

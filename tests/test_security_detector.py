@@ -37,7 +37,7 @@ from test_security_files import CraftingPickler, Raw, StorageRef, View, bounded
 from edm_toolkit.adapters.edm_pickle import read_restricted
 from edm_toolkit.cli import main
 from edm_toolkit.errors import CheckpointError
-from edm_toolkit.formats import FORMATS, format_kind
+from edm_toolkit.io.formats import FORMATS, format_kind
 from edm_toolkit.loading import convert_file, identify, load_denoiser
 from edm_toolkit.metrics.detector_files import STATE_DICT_ALLOWLIST, detector_from_state_dict, load_detector
 

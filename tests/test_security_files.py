@@ -312,7 +312,7 @@ def toolkit_file(tmp_path, config, state_dict=None, suffix=".pt"):
     path = tmp_path / f"model{suffix}"
     text = config if isinstance(config, str) else json.dumps(config)
     if suffix == ".safetensors":
-        from edm_toolkit.tensorfile import write_safetensors
+        from edm_toolkit.io.tensorfile import write_safetensors
 
         with open(path, "wb") as stream:
             write_safetensors(stream, state_dict or {}, {"format": FORMAT, "version": "1", "config": text})

@@ -15,7 +15,7 @@ from edm_toolkit.cli import main
 from edm_toolkit.errors import ConfigError, EDMToolkitError
 from edm_toolkit.generate import low_res_from_uint8, sample_batch, upsample_batch
 from edm_toolkit.ideal import IdealDenoiser
-from edm_toolkit.images import quantize, to_uint8
+from edm_toolkit.io.images import quantize, to_uint8
 from edm_toolkit.loading import load_model
 from edm_toolkit.protocol import BoundInputs, DenoiserBase
 from edm_toolkit.sampling import Sampler

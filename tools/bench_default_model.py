@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 import edm_toolkit as edm  # noqa: E402
-from edm_toolkit.images import make_grid, save_png, to_uint8  # noqa: E402
+from edm_toolkit.io.images import make_grid, save_png, to_uint8  # noqa: E402
 from edm_toolkit.training.dataset import ImageDataset  # noqa: E402
 
 from _report import write_section  # noqa: E402

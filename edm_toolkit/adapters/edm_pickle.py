@@ -10,12 +10,12 @@ network class is a ``torch_utils.persistence`` class: it pickles as a call
 This reader never does. It unpickles with an explicit allowlist of globals, each mapped to a handler of its
 own that only builds data: persistent objects become :class:`PersistentObject` records (their source text is
 only hashed), tensors are rebuilt from their storages (each checked to be a plain view,
-:func:`~edm_toolkit.tensorfile.check_view`), numpy scalars become Python numbers. Any other global
+:func:`~edm_toolkit.io.tensorfile.check_view`), numpy scalars become Python numbers. Any other global
 (``os.system``, ``builtins.eval``, ...) and any unknown persistent class name raises
 :class:`~edm_toolkit.errors.CheckpointError`. The networks are then built from the toolkit's own classes
 (:mod:`edm_toolkit.precond`, ``SongUNet``, ``DhariwalUNet``) with the constructor arguments that EDM records
 (``_init_args`` / ``_init_kwargs``), checked first on the meta device against the tensors in the file
-(:func:`~edm_toolkit.formats.verify`), and all tensors are loaded by name with ``strict=True``.
+(:func:`~edm_toolkit.io.formats.verify`), and all tensors are loaded by name with ``strict=True``.
 
 An embedded source that is not one of NVlabs/edm's released module files (known by their SHA-256) draws a
 :class:`~edm_toolkit.errors.CheckpointWarning`: EDM's own loader would run that code, which may compute
@@ -52,13 +52,13 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..formats import (
+from ..io.formats import (
     FileSource, LoadOptions, check_arguments, check_geometry, dtype_summary, materialize, register_format, verify, warn,
 )
 from ..networks.dhariwal_unet import DhariwalUNet
 from ..networks.song_unet import SongUNet
 from ..precond import EDMPrecond, IDDPMPrecond, Preconditioner, VEPrecond, VPPrecond
-from ..tensorfile import check_tensors, check_view, check_zip_records, sniff_container
+from ..io.tensorfile import check_tensors, check_view, check_zip_records, sniff_container
 
 __all__ = ["EDM_ALLOWLIST", "EDM_PICKLE", "Allowlist", "ModuleRecord", "PersistentObject", "Unpickled",
            "inspect_edm_pickle", "load_edm_network", "module_tensors", "persistent_top_class", "read_edm_pickle",
@@ -610,9 +610,9 @@ def _reported_as(context: str):
 def read_restricted(path_or_file: PathOrFile, allowlist: Allowlist) -> Unpickled:
     """A plain pickle, a torch zip (``<archive>/data.pkl``, torch.save or TorchScript) or a legacy torch.save
     stream, unpickled from :data:`PLAIN_GLOBALS` and what ``allowlist`` admits only, with memory bounded by the
-    file: zip records checked by :func:`~edm_toolkit.tensorfile.check_zip_records` before any is read (a
+    file: zip records checked by :func:`~edm_toolkit.io.tensorfile.check_zip_records` before any is read (a
     TorchScript archive's ``code/`` is never opened), legacy storages checked against the file's size before
-    they are allocated, every tensor checked by :func:`~edm_toolkit.tensorfile.check_view` before it is made.
+    they are allocated, every tensor checked by :func:`~edm_toolkit.io.tensorfile.check_view` before it is made.
     Every problem is one CheckpointError line that starts with the file's name."""
     source = _source_name(path_or_file)
     with _reported_as(source):

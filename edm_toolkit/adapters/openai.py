@@ -37,7 +37,7 @@ from torch import nn
 from ..checkpoints import TOOLKIT, model_from_file, read_model_file
 from ..discrete import StepGrid, check_schedule, named_beta_schedule, nearest_index
 from ..errors import CheckpointError, ConfigError
-from ..formats import (
+from ..io.formats import (
     FileSource, LoadOptions, check_arguments, check_geometry, dtype_summary, load_wrapper, materialize,
     register_format, register_model_type, verify,
 )

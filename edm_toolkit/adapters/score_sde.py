@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..formats import (
+from ..io.formats import (
     FileSource, LoadOptions, check_arguments, check_geometry, construction_budget, dtype_summary, load_wrapper,
     materialize, register_format, register_model_type, shapes, verify,
 )
@@ -219,7 +219,7 @@ def is_score_sde_checkpoint(obj: Any) -> bool:
 
 def _read(path_or_checkpoint: PathOrCheckpoint) -> tuple[Mapping, str]:
     """(checkpoint dict, name for messages); files are read with ``torch.load(weights_only=True)`` after the
-    checks of :func:`edm_toolkit.tensorfile.read_torch`."""
+    checks of :func:`edm_toolkit.io.tensorfile.read_torch`."""
     if isinstance(path_or_checkpoint, Mapping):
         return path_or_checkpoint, "score_sde checkpoint"
     if isinstance(path_or_checkpoint, (str, os.PathLike)):

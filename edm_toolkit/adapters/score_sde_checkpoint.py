@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..formats import layout_mismatch, shapes
+from ..io.formats import layout_mismatch, shapes
 from ..networks.score_sde import GaussianFourierProjection
-from ..tensorfile import read_torch
+from ..io.tensorfile import read_torch
 
 __all__ = [
     "ema_parameter_names",
@@ -42,7 +42,7 @@ _PREFIX = "module."
 
 def read_checkpoint_file(path: str | os.PathLike) -> dict:
     """Loads a score_sde ``.pth`` file safely (``weights_only=True``, onto the CPU, with bounded memory:
-    :func:`edm_toolkit.tensorfile.read_torch`); CheckpointError if it cannot be read so."""
+    :func:`edm_toolkit.io.tensorfile.read_torch`); CheckpointError if it cannot be read so."""
     return read_torch(Path(path))
 
 

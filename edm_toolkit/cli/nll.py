@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ..outputs import write_atomically
+from ..io.outputs import write_atomically
 from ..schedules import SCALINGS, SCHEDULES
 from .common import load_network, resolve_device
 from .files import source_options

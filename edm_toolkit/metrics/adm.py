@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import EDMToolkitError
-from ..outputs import write_atomically
+from ..io.outputs import write_atomically
 from .inception import InceptionV3
 from .pipeline import Activations
 from .statistics import FIDStatistics

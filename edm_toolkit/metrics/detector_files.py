@@ -7,12 +7,12 @@
 | detector-state-dict (pytorch-fid) | ``pt_inception-2015-12-05-*.pth`` | ``torch.save`` (zip, or the legacy format of torch < 1.6) of torchvision Inception3's state_dict (``Conv2d_1a_3x3.conv.weight``, ``...bn.running_var``, ``fc.weight``) | the same reader with :data:`STATE_DICT_ALLOWLIST` (tensors and plain data only), names mapped 1:1 |
 | detector-state-dict (state-dict) | a state_dict with the toolkit's (NVIDIA's) names | as above |
 
-Each form is a :class:`~edm_toolkit.formats.FileFormat` registered with kind ``"detector"``: ``edm inspect`` describes
+Each form is a :class:`~edm_toolkit.io.formats.FileFormat` registered with kind ``"detector"``: ``edm inspect`` describes
 such a file, ``load_denoiser`` refuses it by name, and :func:`load_detector` refuses a denoiser's file. Every form
 is read with memory bounded by the file (docs/security.md): zip records checked before any is read, legacy
 storages checked against the file's size before they are allocated, every tensor a plain view of its storage
 and all of them no larger than their storages; the network is then built through
-:func:`~edm_toolkit.formats.load_network` (on the meta device, within the construction budget of the file's
+:func:`~edm_toolkit.io.formats.load_network` (on the meta device, within the construction budget of the file's
 tensors, its layout compared with them, the weights loaded strictly).
 
 The form is recognised from the content, not the file name. Where no file is given, :func:`find_detector` looks
@@ -34,11 +34,11 @@ from ..adapters.edm_pickle import (
     Allowlist, ModuleRecord, PersistentObject, module_tensors, persistent_top_class, read_restricted,
 )
 from ..errors import CheckpointError, EDMToolkitError
-from ..formats import (
+from ..io.formats import (
     DETECTOR, FileFormat, FileSource, LoadOptions, check_kind, dtype_summary, identify, load_network,
     register_format, verify,
 )
-from ..tensorfile import check_tensors
+from ..io.tensorfile import check_tensors
 from .inception import FEATURE_DIM, NUM_LOGITS, SPATIAL_DIM, InceptionV3
 
 __all__ = ["DETECTOR_ENV", "DETECTOR_FORMS", "DetectorFile", "detector_from_state_dict", "find_detector",
@@ -123,7 +123,7 @@ def read_detector_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
 
 def detector_from_state_dict(tensors: dict[str, torch.Tensor], source: str = "state_dict") -> InceptionV3:
     """An :class:`InceptionV3` with these weights (toolkit names; any floating dtype, loaded as float32); the
-    output layer only if they hold it. Built by :func:`~edm_toolkit.formats.load_network`."""
+    output layer only if they hold it. Built by :func:`~edm_toolkit.io.formats.load_network`."""
     with_logits = _check_weights(tensors, source)
     what = f"the FID Inception of {source}"
     return load_network(lambda: InceptionV3(with_logits=with_logits), tensors, what).eval()
@@ -181,10 +181,10 @@ def _detector_format(source: FileSource) -> FileFormat:
 
 
 class DetectorForm:
-    """A file form of the FID Inception detector, a :class:`~edm_toolkit.formats.FileFormat` of kind "detector":
+    """A file form of the FID Inception detector, a :class:`~edm_toolkit.io.formats.FileFormat` of kind "detector":
     ``sniff`` by content, ``tensors(source)`` the weights in the toolkit's names and the form found (read with
     bounded memory); ``inspect`` and ``load`` make the same checks, ``load`` through
-    :func:`~edm_toolkit.formats.load_network`."""
+    :func:`~edm_toolkit.io.formats.load_network`."""
 
     name: str
     description: str

@@ -16,7 +16,7 @@ import torch
 
 from ..distributed import ProcessGroup, rank_batches
 from ..errors import EDMToolkitError
-from ..images import quantize
+from ..io.images import quantize
 from .inception import InceptionV3
 from .pipeline import accumulate
 from .statistics import FIDStatistics

@@ -1,7 +1,7 @@
 """Images from a folder (recursively) or a zip, read one file at a time, in the order of EDM's fid.py.
 
 EDM's ``ImageFolderDataset`` lists every file whose extension PIL knows (``PIL.Image.EXTENSION``), sorted by
-relative path (only formats PIL decodes in-process are opened: :mod:`edm_toolkit.images`); a random subset of ``num`` images is ``RandomState(seed % 2**31)``'s shuffle of all indices, the
+relative path (only formats PIL decodes in-process are opened: :mod:`edm_toolkit.io.images`); a random subset of ``num`` images is ``RandomState(seed % 2**31)``'s shuffle of all indices, the
 first ``num`` of them, sorted. Grayscale is repeated to 3 channels; images of any size are accepted (the
 detector resizes each one).
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EDMToolkitError
-from ..images import ImageStore, decode_image
+from ..io.images import ImageStore, decode_image
 
 __all__ = ["ImageFolder", "select_subset"]
 
@@ -22,7 +22,7 @@ class ImageFolder:
     """The image files of a folder (searched recursively) or a zip archive, as uint8 [3, H, W] arrays.
 
     Only the sorted list of names is held in memory; each image is read when asked for (through
-    :class:`edm_toolkit.images.ImageStore`, the reader the training datasets use). Use it as a context manager
+    :class:`edm_toolkit.io.images.ImageStore`, the reader the training datasets use). Use it as a context manager
     (or call :meth:`close`) to release a zip file.
     """
 

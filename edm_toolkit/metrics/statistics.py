@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..distributed import ProcessGroup
 from ..errors import EDMToolkitError
-from ..outputs import write_atomically
+from ..io.outputs import write_atomically
 
 __all__ = ["FIDStatistics", "FeatureStatistics", "frechet_distance"]
 
@@ -184,5 +184,5 @@ def read_npz(path: str | os.PathLike, keys) -> dict[str, np.ndarray]:
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez of ``arrays`` to ``path``, atomically (:func:`edm_toolkit.outputs.write_atomically`)."""
+    """np.savez of ``arrays`` to ``path``, atomically (:func:`edm_toolkit.io.outputs.write_atomically`)."""
     write_atomically(path, lambda f: np.savez(f, **arrays))

@@ -64,7 +64,7 @@ def network_config(module: nn.Module) -> dict[str, Any]:
 def build_network(config: dict[str, Any]) -> nn.Module:
     """A registered backbone from {"type", "kwargs"} (random weights; load a state_dict next). Build it under
     ``with torch.device("meta")`` to check it without allocating memory; a network described by a file is
-    built through :func:`edm_toolkit.formats.load_network`, which bounds what its arguments may ask for."""
+    built through :func:`edm_toolkit.io.formats.load_network`, which bounds what its arguments may ask for."""
     from . import load_all
 
     load_all()

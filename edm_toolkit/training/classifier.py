@@ -32,7 +32,7 @@ from ..adapters.openai import OpenAIClassifier, OpenAIDiffusion
 from ..adapters.openai_flags import classifier_defaults, classifier_from_flags, parse_model_flags
 from ..checkpoints import save_model
 from ..errors import ConfigError
-from ..formats import model_config
+from ..io.formats import model_config
 from ..losses import UniformStepSampler
 from .architectures import check_model_flags, parameter_count
 from .loop import Meters, TrainingRun

@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import EDMToolkitError
-from ..images import ImageStore, decode_image
+from ..io.images import ImageStore, decode_image
 
 LABELS_FILE = "dataset.json"
 

@@ -20,7 +20,7 @@ from typing import IO, Callable, Iterator, Protocol
 import numpy as np
 
 from ..errors import EDMToolkitError
-from ..images import ImageStore, decode_image
+from ..io.images import ImageStore, decode_image
 from .dataset import read_labels
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from ..adapters.openai_flags import parse_model_flags
 from ..checkpoints import save_model
 from ..distributed import ProcessGroup, init_from_env, shutdown
 from ..errors import CheckpointError, ConfigError, EDMToolkitError
-from ..formats import model_config
+from ..io.formats import model_config
 from ..losses import LOSSES, TrainingLoss, total_of
 from ..presets import PrecondConfig, load_preset
 from ..protocol import BoundInputs
@@ -765,7 +765,7 @@ class Trainer(TrainingRun):
 
     def _grid(self, path: Path) -> None:
         from ..generate import sample_batch
-        from ..images import make_grid, save_png, to_uint8
+        from ..io.images import make_grid, save_png, to_uint8
 
         images = sample_batch(self.ema.module, self._sampler(), list(self.options.grid_seeds), self.device)
         save_png(make_grid(list(to_uint8(images))), path)

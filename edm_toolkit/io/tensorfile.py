@@ -13,7 +13,7 @@ the toolkit goes through these checks (docs/security.md):
 * safetensors: a JSON header and one byte buffer, read here without the optional ``safetensors`` package; every
   tensor's byte range must lie in the buffer, fit its dtype and shape, and overlap no other.
 
-Files are written by :func:`edm_toolkit.outputs.write_atomically` (a temporary file and ``os.replace``), with the mode a plain
+Files are written by :func:`edm_toolkit.io.outputs.write_atomically` (a temporary file and ``os.replace``), with the mode a plain
 ``open`` gives (0666 less the umask), and never over something that is not a regular file.
 """
 
@@ -30,7 +30,7 @@ from typing import IO, Any
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 ZIP_MAGIC = b"PK\x03\x04"
 # The legacy torch.save stream starts with a protocol-2 pickle of torch's magic number.

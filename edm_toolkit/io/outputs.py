@@ -21,7 +21,7 @@ from typing import BinaryIO, Callable
 
 import psutil
 
-from .errors import EDMToolkitError
+from ..errors import EDMToolkitError
 
 _HOST = hashlib.sha1(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:8]
 _TEMP = re.compile(r"\.(?P<name>.+)\.(?P<host>[0-9a-f]{8})\.(?P<pid>[0-9]{1,10})\.[0-9a-f]{8}\.tmp")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import EDMToolkitError
+from ..errors import EDMToolkitError
 from .outputs import write_atomically
 
 # Formats decoded in-process by PIL itself; EPS (Ghostscript) and the stub formats are never opened.
@@ -135,7 +135,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def save_png(image: np.ndarray, path: str | Path) -> None:
     """Writes one HWC uint8 image ('L' for one channel, else 'RGB') atomically, with the permissions the umask
-    gives (:func:`edm_toolkit.outputs.write_atomically`): a reader or an interrupted run never sees a truncated
+    gives (:func:`edm_toolkit.io.outputs.write_atomically`): a reader or an interrupted run never sees a truncated
     file."""
     picture = Image.fromarray(image[:, :, 0], "L") if image.shape[2] == 1 else Image.fromarray(image, "RGB")
     write_atomically(path, lambda f: picture.save(f, format="PNG"))

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import CheckpointError, CheckpointWarning
-from .networks.registry import build_network
+from ..errors import CheckpointError, CheckpointWarning
+from ..networks.registry import build_network
 from .tensorfile import check_zip_records, read_safetensors, read_torch, sniff_container
 
 __all__ = [
@@ -85,7 +85,7 @@ class LoadOptions:
 
 class FileSource:
     """A model file opened for recognition: path, size, first bytes and container kind; its contents are read
-    at most once, on demand, through the bounded readers of :mod:`edm_toolkit.tensorfile`."""
+    at most once, on demand, through the bounded readers of :mod:`edm_toolkit.io.tensorfile`."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -164,7 +164,7 @@ class FileSource:
         return None
 
     def _check_records(self, archive: zipfile.ZipFile) -> None:
-        """The zip record checks of :mod:`~edm_toolkit.tensorfile`; a TorchScript archive's ``code/``, which
+        """The zip record checks of :mod:`~edm_toolkit.io.tensorfile`; a TorchScript archive's ``code/``, which
         torch.jit.save deflates and no reader opens, left out."""
         prefix = self.torchscript_prefix()
         check_zip_records(archive, self.size, str(self), unread=(f"{prefix}code/",) if prefix else ())
