@@ -161,11 +161,14 @@ def generate_images(
     net, sampler: Sampler, seeds: Sequence[int], outdir: str | Path, *, max_batch_size: int = 64,
     class_idx: int | None = None, subdirs: bool = False, device="cpu", group: ProcessGroup = ProcessGroup(),
     progress: bool = True, plan=None, skip_existing: bool = False, upsample_from: str | Path | None = None,
+    fixed_batch: bool = False,
 ) -> list[Path]:
     """Writes one PNG per seed (this process's share of the seeds); returns the paths it wrote.
 
     With ``upsample_from`` (a cascade), ``net`` is an upsampler conditioned on the PNG of each seed found in that
-    directory (:func:`upsample_batch`).
+    directory (:func:`upsample_batch`). With ``fixed_batch`` every batch has the size of the largest (a shorter
+    one is padded with repeats of its last seed, whose extra images are dropped), so that a compiled network
+    sees one shape and compiles once.
 
     Temporary files that killed runs left in the output directories are removed first. With ``skip_existing``,
     seeds whose PNG already exists are left out (an image depends only on its seed, so a resumed run writes the
@@ -188,15 +191,18 @@ def generate_images(
     plan = plan if plan is not None else sampler.plan(net, device)
     meter = Progress(sum(len(b) for b in batches), plan.nfe, enabled=progress and group.rank == 0)
     written: list[Path] = []
+    size = max((len(b) for b in rank_batches(list(seeds), max_batch_size, ProcessGroup())), default=0)
     try:
         for batch_seeds in batches:
             if not batch_seeds:
                 continue
+            run = batch_seeds + batch_seeds[-1:] * (size - len(batch_seeds)) if fixed_batch else batch_seeds
             if upsample_from is None:
-                images = sample_batch(net, sampler, batch_seeds, device, class_idx, callback=meter.step, plan=plan)
+                images = sample_batch(net, sampler, run, device, class_idx, callback=meter.step, plan=plan)
             else:
-                images = upsample_batch(net, sampler, read_low_res(upsample_from, batch_seeds, subdirs), batch_seeds,
-                                        device, class_idx=class_idx, callback=meter.step, plan=plan)
+                images = upsample_batch(net, sampler, read_low_res(upsample_from, run, subdirs), run, device,
+                                        class_idx=class_idx, callback=meter.step, plan=plan)
+            images = images[:len(batch_seeds)]
             check_finite(images, batch_seeds)
             for seed, image in zip(batch_seeds, to_uint8(images)):
                 path = image_path(outdir, seed, subdirs)

@@ -293,3 +293,32 @@ def test_builtin_model_is_independent_of_batch_and_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(whole, parts)
+
+
+def test_fixed_batches_for_a_compiled_network(tmp_path):
+    """With --compile every batch has one shape (the last padded with repeats of its last seed, extra images
+    dropped), so the network compiles once; the PNGs are those of plain batches. Compile options without
+    --compile are one-line errors."""
+    from edm_toolkit.generate import generate_images
+    from edm_toolkit.protocol import DenoiserWrapper
+
+    class Shapes(DenoiserWrapper):
+        def __init__(self, net):
+            super().__init__(net)
+            self.batches = set()
+
+        def forward(self, x, sigma, class_labels=None, **kwargs):
+            self.batches.add(x.shape[0])
+            return self.denoiser(x, sigma, class_labels, **kwargs)
+
+    sampler = Sampler(num_steps=3)
+    plain, fixed = Shapes(default_model()), Shapes(default_model())
+    a = generate_images(plain, sampler, range(7), tmp_path / "a", max_batch_size=3, progress=False)
+    b = generate_images(fixed, sampler, range(7), tmp_path / "b", max_batch_size=3, progress=False, fixed_batch=True)
+    assert plain.batches == {2, 3} and fixed.batches == {3}  # 7 seeds: EDM's split 3, 2, 2
+    assert [p.name for p in a] == [p.name for p in b]
+    assert all(np.array_equal(np.asarray(Image.open(x)), np.asarray(Image.open(y))) for x, y in zip(a, b))
+    for extra in (["--compile-mode", "reduce-overhead"], ["--compile-cache", str(tmp_path / "cache")]):
+        result = CliRunner().invoke(main, ["generate", "--outdir", str(tmp_path / "c"), "--seeds", "0", *extra])
+        assert result.exit_code == 1 and "also set compile=True (--compile)" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "c").exists() and not (tmp_path / "cache").exists()

@@ -7,6 +7,7 @@ import dataclasses
 import click
 
 from ..discretizations import DISCRETIZATIONS, MAX_STEPS
+from ..inference import COMPILE_MODES
 from ..errors import EDMToolkitError
 from ..registry import show
 from ..schedules import SCALINGS, SCHEDULES
@@ -93,10 +94,14 @@ def _choice(registry):
               help="Network precision (autocast); fp32 is the faithful path")
 @click.option("--channels-last", is_flag=True, help="Run the network in channels_last memory format")
 @click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (slow start, faster steps)")
+@click.option("--compile-mode", type=click.Choice(COMPILE_MODES), default="default",
+              help="With --compile: torch.compile's mode ('reduce-overhead' records CUDA graphs)")
+@click.option("--compile-cache", default=None, metavar="DIR", type=click.Path(file_okay=False),
+              help="With --compile: keep the compiler's caches here, so the next run does not compile again")
 def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, preset, grid, skip_existing, device,
              model_flags, model_config, weights, precision, channels_last, compile_net, solver_opts, guidance,
              guide_network, classifier_path, classifier_scale, classifier_flags, guidance_interval, upsample_from,
-             fid_ref, num, detector_path, **options):
+             fid_ref, num, detector_path, compile_mode, compile_cache, **options):
     """Generate images with any sampler of the design space (EDM's generate.py options).
 
     \b
@@ -134,6 +139,7 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
     _check_guidance_options(guidance, guide_network, classifier_path, classifier_scale, classifier_flags,
                             guidance_interval)
     device = resolve_device(device)
+    inference = InferenceOptions(precision, channels_last, compile_net, compile_mode, compile_cache)
     sampler = _sampler_from_options(preset, options, solver_opts)
     if outdir is not None:
         check_outputs(outdir, seeds, subdirs, extra=["grid.png"] if grid else [])  # nothing in the way, before any work
@@ -144,7 +150,7 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
     try:
         net = load_network(network_path, device, echo=group.rank == 0, model_flags=model_flags,
                             config=model_config, use_ema=weights == "ema")
-        net = optimize(net, InferenceOptions(precision, channels_last, compile_net))
+        net = optimize(net, inference)
         net, sampler = _with_guidance(net, sampler, device, guidance, guide_network, classifier_path,
                                       1.0 if classifier_scale is None else classifier_scale, classifier_flags,
                                       guidance_interval)
@@ -163,7 +169,7 @@ def generate(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, pr
             return
         generate_images(net, sampler, seeds, outdir, max_batch_size=max_batch_size, class_idx=class_idx,
                         subdirs=subdirs, device=device, group=group, plan=plan, skip_existing=skip_existing,
-                        upsample_from=upsample_from)
+                        upsample_from=upsample_from, fixed_batch=compile_net)
         group.barrier()
         if group.rank == 0:
             if grid:

@@ -199,7 +199,6 @@ class ClassifierTrainer(TrainingRun):
     """One training of ADM's noisy classifier on a labelled dataset (module docstring)."""
 
     kind = "classifier"
-    output_prefixes = ("classifier-snapshot-", "training-state-", "stats.jsonl", "training_options")
 
     def _no_labels(self) -> str:
         return (f"a classifier learns the dataset's class labels, but {self.options.data!r} has none (dataset.json "

@@ -37,6 +37,7 @@ from ..checkpoints import save_model
 from ..distributed import ProcessGroup, init_from_env, shutdown
 from ..errors import CheckpointError, ConfigError, EDMToolkitError
 from ..io.formats import model_config
+from ..io.outputs import remove_stale_temp_files
 from ..losses import LOSSES, TrainingLoss, total_of
 from ..presets import PrecondConfig, load_preset
 from ..protocol import BoundInputs
@@ -49,7 +50,7 @@ from .routing import DenoiserCalls, RoutedDenoiser
 from .run_dir import (RunLog, StatsFile, append_jsonl, create_run_dir, find_run_to_resume, format_time, next_run_dir,
                       run_description, truncate_jsonl, write_json)
 from .samples import ImageSource, PositionBatches, TrainingSamples
-from .state import latest_state, load_state, remove_stale_temporaries, save_state, state_name
+from .state import latest_state, load_state, save_state, state_name
 from .streams import TrainingStreams
 
 AUGMENT_DIM = 9  # EDM's augment labels: xflip, yflip, scale, rotate (2), aniso (2), translate (2)
@@ -186,7 +187,6 @@ class TrainingRun:
     noisy classifier) through the hooks below."""
 
     kind: str = "denoiser"  # the training state's kind (state.KINDS)
-    output_prefixes: tuple[str, ...] = ("training-state-", "stats.jsonl", "training_options")
 
     def __init__(self, options, dataset: ImageSource | None = None, stream: TextIO | None = None):
         self.options = options
@@ -386,7 +386,7 @@ class TrainingRun:
             else:
                 run_dir = next_run_dir(o.outdir, self.description)
             create_run_dir(run_dir, exist_ok=o.nosubdir or self.resume_dir is not None)
-            remove_stale_temporaries(run_dir, self.output_prefixes)
+            remove_stale_temp_files(run_dir)
         run_dir = Path(self._broadcast(str(run_dir)))
         log = RunLog(run_dir, self.stream) if is_writer else (lambda text="": None)
         stats = StatsFile(run_dir) if is_writer else None
@@ -537,8 +537,6 @@ class Trainer(TrainingRun):
     (:class:`~edm_toolkit.training.routing.RoutedDenoiser`).
     """
 
-    output_prefixes = ("network-snapshot-", "training-state-", "power-ema-", "grid-", "stats.jsonl",
-                       "training_options", "metric-")
 
     # --- configuration and model ------------------------------------------------------------------------------
     def _configure(self) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import EDMToolkitError
-from .state import latest_state, write_atomic
+from ..io.outputs import write_atomically
+from .state import latest_state
 
 _RUN_ID = re.compile(r"^(\d+)-(.*)$")
 
@@ -66,7 +67,7 @@ def create_run_dir(path: Path, exist_ok: bool) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=2) + "\n"
-    write_atomic(path, lambda f: f.write(text.encode()))
+    write_atomically(path, lambda f: f.write(text.encode()), sync=True)
 
 
 class RunLog:
@@ -129,7 +130,7 @@ def truncate_jsonl(path: Path, kimg: float, kimg_of) -> None:
             continue
         kept.append(line)
     text = "".join(line + "\n" for line in kept)
-    write_atomic(path, lambda f: f.write(text.encode()))
+    write_atomically(path, lambda f: f.write(text.encode()), sync=True)
 
 
 def format_time(seconds: float) -> str:

@@ -7,24 +7,24 @@ the loss's state (the schedule sampler's loss history of the iddpm-* losses); fo
 "classifier", ``edm train-classifier``) its config. No generator state is stored: every random draw of training
 is a function of (seed, image position) (streams.py).
 
-Files are written to a temporary name in the same directory, flushed to disk and renamed over the target, so
-a run killed at any moment leaves the previous complete state, never a truncated one.
+Files are written by :func:`edm_toolkit.io.outputs.write_atomically` (a temporary name in the same directory,
+flushed to disk, renamed over the target), so a run killed at any moment leaves the previous complete state,
+never a truncated one; the next run into the directory removes the killed run's temporary files.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
+from ..io.outputs import write_atomically
 
 FORMAT = "edm-toolkit/training-state"
 VERSION = 1
@@ -40,23 +40,8 @@ def state_name(nimg: int) -> str:
     return f"training-state-{nimg // 1000:06d}.pt"
 
 
-def write_atomic(path: str | Path, write: Callable[[Any], None]) -> None:
-    """Calls ``write(file)`` on a temporary file next to ``path``, syncs it and renames it to ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
-    write_atomic(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **state}, f))
+    write_atomically(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **state}, f), sync=True)
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
@@ -103,11 +88,3 @@ def latest_state(directory: str | Path) -> Path | None:
         return None
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STATE_PATTERN.fullmatch(p.name)) and p.is_file()]
     return max(found)[1] if found else None
-
-
-def remove_stale_temporaries(directory: str | Path, prefixes: tuple[str, ...]) -> None:
-    """Deletes the temporary files (".NAME.XXXX[.tmp]", NAME starting with one of ``prefixes``) that a killed run
-    left behind in its run directory."""
-    for path in Path(directory).iterdir():
-        if path.name.startswith(tuple("." + p for p in prefixes)) and path.is_file():
-            path.unlink(missing_ok=True)
