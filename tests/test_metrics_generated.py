@@ -183,3 +183,30 @@ def test_generate_fid_measures_without_writing(net, detector_file, tmp_path):
     FIDStatistics(np.zeros(3), np.eye(3)).save(tmp_path / "small.npz")
     result = runner.invoke(main, [*common[:3], "--fid", str(tmp_path / "small.npz"), "--num", "4"])
     assert result.exit_code == 2 and "3-dimensional statistics" in result.stderr
+
+
+def test_fid_sweep_tool_writes_table_and_plot(net, detector_file, tmp_path):
+    """tools/fid_sweep.py: one FID per solver and step count, indexed by the NFE each run cost; a table and a
+    plot. The values are the same as edm generate --fid's for that setting."""
+    import importlib.util
+
+    from edm_toolkit.checkpoints import save_model
+
+    path, detector = detector_file
+    save_model(net, tmp_path / "net.pt")
+    paths = generate_images(net, SAMPLER, range(6), tmp_path / "pngs", progress=False)
+    statistics_of(detector, np.stack([np.asarray(Image.open(p))[None] for p in paths])).save(tmp_path / "ref.npz")
+    spec = importlib.util.spec_from_file_location("fid_sweep", os.path.join(os.path.dirname(__file__), "..", "tools",
+                                                                          "fid_sweep.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.main(["--network", str(tmp_path / "net.pt"), "--ref", str(tmp_path / "ref.npz"), "--detector", str(path),
+               "--solvers", "euler,heun", "--steps", "3,6", "--num", "6", "--batch", "3", "--device", "cpu",
+               "--out", str(tmp_path / "out")])
+    rows = json.loads((tmp_path / "out" / "fid_sweep.json").read_text())
+    assert [(r["solver"], r["nfe"]) for r in rows] == [("euler", 3), ("euler", 6), ("heun", 5), ("heun", 11)]
+    heun6 = next(r for r in rows if r["solver"] == "heun" and r["steps"] == 6)
+    assert abs(heun6["fid"]) < 1e-6  # the reference is these very images (SAMPLER is heun with 6 steps)
+    assert rows[0]["fid"] > 1e-3  # three Euler steps land elsewhere (the exact denoiser: finer runs may not)
+    assert "| euler |" in (tmp_path / "out" / "fid_sweep.md").read_text()
+    assert Image.open(tmp_path / "out" / "fid_sweep.png").size == (1000, 700)
