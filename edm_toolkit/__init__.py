@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 from .checkpoints import save_model
 from .loading import load_model
-from .default_model import default_model
+from .default_model import default_model, ideal_model
 from .discrete import StepGrid
 from .discretizations import (
     DISCRETIZATIONS, EDMDiscretization, ExplicitDiscretization, IDDPMDiscretization, LogSNRDiscretization,
@@ -22,7 +22,7 @@ from .errors import CheckpointError, ConfigError, EDMToolkitError
 from .generate import generate_images, sample_batch
 from .ideal import IdealDenoiser, solve_pf_ode
 from .losses import LOSSES, EDMLoss, IDDPMLoss, VELoss, VPLoss
-from .protocol import Denoiser, DenoiserBase, DenoiserWrapper
+from .protocol import BoundInputs, Denoiser, DenoiserBase, DenoiserWrapper
 from .precond import PRECONDITIONERS, EDMPrecond, IDDPMPrecond, Preconditioner, VEPrecond, VPPrecond, build_precond
 from .presets import PrecondConfig, Preset, builtin_presets, load_preset
 from .rng import SeedGenerators
@@ -31,11 +31,11 @@ from .schedules import SCALINGS, SCHEDULES, LinearSchedule, NoScaling, VESchedul
 from .solvers import SOLVERS, Euler, Heun
 
 __all__ = [
-    "Churn", "CheckpointError", "ConfigError", "DISCRETIZATIONS", "Denoiser", "DenoiserBase", "DenoiserWrapper", "EDMDiscretization", "EDMLoss", "EDMPrecond",
+    "BoundInputs", "Churn", "CheckpointError", "ConfigError", "DISCRETIZATIONS", "Denoiser", "DenoiserBase", "DenoiserWrapper", "EDMDiscretization", "EDMLoss", "EDMPrecond",
     "EDMToolkitError", "Euler", "ExplicitDiscretization", "Heun", "IDDPMDiscretization", "IDDPMLoss", "IDDPMPrecond",
     "IdealDenoiser", "LOSSES", "LinearSchedule", "LogSNRDiscretization", "NoScaling", "PRECONDITIONERS",
     "PrecondConfig", "Preconditioner", "Preset", "SCALINGS", "SCHEDULES", "SOLVERS", "Sampler", "SeedGenerators", "StepGrid",
     "StepInfo", "VEDiscretization", "VELoss", "VEPrecond", "VESchedule", "VPDiscretization", "VPLoss", "VPPrecond",
-    "VPScaling", "VPSchedule", "build_precond", "builtin_presets", "default_model", "generate_images",
+    "VPScaling", "VPSchedule", "build_precond", "builtin_presets", "default_model", "ideal_model", "generate_images",
     "iddpm_sigma_table", "load_model", "load_preset", "sample", "sample_batch", "save_model", "solve_pf_ode",
 ]

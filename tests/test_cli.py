@@ -13,7 +13,7 @@ from PIL import Image
 
 from edm_toolkit.checkpoints import save_model
 from edm_toolkit.cli import main
-from edm_toolkit.default_model import default_model
+from edm_toolkit.default_model import ideal_model
 from edm_toolkit.generate import sample_batch
 from edm_toolkit.io.images import save_png, to_uint8
 from edm_toolkit.sampling import Churn, Sampler
@@ -29,13 +29,13 @@ def read(path):
 
 def test_generate_writes_pngs_and_grid(tmp_path):
     out = tmp_path / "out"
-    result = run("generate", "--outdir", str(out), "--seeds", "0-3", "--batch", "3", "--steps", "6", "--grid")
+    result = run("generate", "--network", "ideal", "--outdir", str(out), "--seeds", "0-3", "--batch", "3", "--steps", "6", "--grid")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "000002.png", "000003.png", "grid.png"]
     assert read(out / "grid.png").shape == (64, 64, 3)  # 2x2 tiles of 32x32
     assert "4/4 images" in result.stderr and "11 denoiser calls per image" in result.stderr
     # The PNG is exactly EDM's uint8 conversion of the sampler's output for that seed.
-    expected = to_uint8(sample_batch(default_model(), Sampler(num_steps=6), [2], "cpu"))[0]
+    expected = to_uint8(sample_batch(ideal_model(), Sampler(num_steps=6), [2], "cpu"))[0]
     assert np.array_equal(read(out / "000002.png"), expected)
 
 
@@ -44,20 +44,20 @@ def test_generate_options_reach_the_sampler(tmp_path):
     args = ["--seeds", "5", "--steps", "7", "--solver", "euler", "--disc", "vp", "--schedule", "vp", "--scaling", "vp",
             "--S_churn", "10", "--S_min", "0.1", "--S_max", "20", "--S_noise", "1.01", "--sigma_min", "0.02",
             "--sigma_max", "60", "--class", "2"]
-    assert run("generate", "--outdir", str(out), *args).exit_code == 0
+    assert run("generate", "--network", "ideal", "--outdir", str(out), *args).exit_code == 0
     sampler = Sampler(solver="euler", discretization="vp", schedule="vp", scaling="vp", num_steps=7,
                       sigma_min=0.02, sigma_max=60.0, churn=Churn(10.0, 0.1, 20.0, 1.01))
-    expected = to_uint8(sample_batch(default_model(), sampler, [5], "cpu", class_idx=2))[0]
+    expected = to_uint8(sample_batch(ideal_model(), sampler, [5], "cpu", class_idx=2))[0]
     assert np.array_equal(read(out / "000005.png"), expected)
 
 
 def test_generate_with_a_preset_and_rho(tmp_path):
-    assert run("generate", "--outdir", str(tmp_path), "--seeds", "0", "--preset", "ve", "--steps", "4").exit_code == 0
-    assert run("generate", "--outdir", str(tmp_path / "b"), "--seeds", "0", "--rho", "3", "--steps", "4").exit_code == 0
+    assert run("generate", "--network", "ideal", "--outdir", str(tmp_path), "--seeds", "0", "--preset", "ve", "--steps", "4").exit_code == 0
+    assert run("generate", "--network", "ideal", "--outdir", str(tmp_path / "b"), "--seeds", "0", "--rho", "3", "--steps", "4").exit_code == 0
 
 
 def test_subdirs_layout(tmp_path):
-    assert run("generate", "--outdir", str(tmp_path), "--seeds", "999,1000", "--steps", "2", "--subdirs").exit_code == 0
+    assert run("generate", "--network", "ideal", "--outdir", str(tmp_path), "--seeds", "999,1000", "--steps", "2", "--subdirs").exit_code == 0
     assert (tmp_path / "000000" / "000999.png").is_file() and (tmp_path / "001000" / "001000.png").is_file()
 
 
@@ -67,22 +67,22 @@ def test_images_do_not_depend_on_batch_size(tmp_path):
     images = {}
     for batch in (1, 3, 8):
         out = tmp_path / f"b{batch}"
-        assert run("generate", "--outdir", str(out), "--batch", str(batch), *common).exit_code == 0
+        assert run("generate", "--network", "ideal", "--outdir", str(out), "--batch", str(batch), *common).exit_code == 0
         images[batch] = [read(out / f"{s:06d}.png") for s in range(8)]
     for batch in (3, 8):
         assert all(np.array_equal(a, b) for a, b in zip(images[1], images[batch]))
     # And the underlying float64 samples too, not only their uint8 rounding.
     sampler = Sampler(num_steps=8, churn=Churn(30.0, 0.05, 50.0))
-    whole = sample_batch(default_model(), sampler, list(range(8)), "cpu")
-    parts = torch.cat([sample_batch(default_model(), sampler, list(range(i, min(i + 3, 8))), "cpu") for i in (0, 3, 6)])
+    whole = sample_batch(ideal_model(), sampler, list(range(8)), "cpu")
+    parts = torch.cat([sample_batch(ideal_model(), sampler, list(range(i, min(i + 3, 8))), "cpu") for i in (0, 3, 6)])
     assert torch.equal(whole, parts)
 
 
 def test_network_from_a_model_file(tmp_path):
     path = tmp_path / "model.pt"
-    save_model(default_model(), path)
+    save_model(ideal_model(), path)
     a, b = tmp_path / "a", tmp_path / "b"
-    assert run("generate", "--outdir", str(a), "--seeds", "0-1", "--steps", "3").exit_code == 0
+    assert run("generate", "--network", "ideal", "--outdir", str(a), "--seeds", "0-1", "--steps", "3").exit_code == 0
     assert run("generate", "--outdir", str(b), "--seeds", "0-1", "--steps", "3", "--network", str(path)).exit_code == 0
     assert all(np.array_equal(read(a / f"00000{s}.png"), read(b / f"00000{s}.png")) for s in (0, 1))
 
@@ -140,7 +140,7 @@ BAD = [
 
 @pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_gives_one_line_error(tmp_path, args, message):
-    result = CliRunner().invoke(main, ["generate", "--outdir", str(tmp_path / "out"), *args])
+    result = CliRunner().invoke(main, ["generate", "--network", "ideal", "--outdir", str(tmp_path / "out"), *args])
     assert result.exit_code != 0
     assert_one_line_error(result.stderr, message)
     assert result.exception is None or isinstance(result.exception, SystemExit)
@@ -150,10 +150,10 @@ def test_bad_input_gives_one_line_error(tmp_path, args, message):
 def test_more_bad_input(tmp_path):
     cases = [
         (["generate", "--outdir", str(tmp_path), "--network", _bad_file(tmp_path)], "is not a model file of a supported format"),
-        (["generate", "--seeds", "0"], "Missing option '--outdir'"),
-        (["generate", "--outdir", _bad_file(tmp_path)], "is a file"),
-        (["generate", "--outdir", str(tmp_path), "--device", "cuda"] if not torch.cuda.is_available() else
-         ["generate", "--outdir", str(tmp_path), "--device", "cuda:99"], "CUDA"),
+        (["generate", "--network", "ideal", "--seeds", "0"], "Missing option '--outdir'"),
+        (["generate", "--network", "ideal", "--outdir", _bad_file(tmp_path)], "is a file"),
+        (["generate", "--network", "ideal", "--outdir", str(tmp_path), "--device", "cuda"] if not torch.cuda.is_available() else
+         ["generate", "--network", "ideal", "--outdir", str(tmp_path), "--device", "cuda:99"], "CUDA"),
         (["presets", "show", "edn"], "unknown preset 'edn'"),
         (["frobnicate"], "No such command 'frobnicate'"),
     ]
@@ -186,11 +186,11 @@ def test_real_subprocess(tmp_path):
     """The installed entry points, as a user runs them."""
     out = tmp_path / "out"
     cmd = [shutil.which("edm") or sys.executable, *([] if shutil.which("edm") else ["-m", "edm_toolkit"])]
-    done = subprocess.run([*cmd, "generate", "--outdir", str(out), "--seeds", "0-1", "--steps", "3"],
+    done = subprocess.run([*cmd, "generate", "--network", "ideal", "--outdir", str(out), "--seeds", "0-1", "--steps", "3"],
                           capture_output=True, text=True, env=_env(), timeout=300)
     assert done.returncode == 0, done.stderr
     assert (out / "000001.png").is_file() and "Done." in done.stderr
-    bad = subprocess.run([sys.executable, "-m", "edm_toolkit", "generate", "--outdir", str(out), "--steps", "x"],
+    bad = subprocess.run([sys.executable, "-m", "edm_toolkit", "generate", "--network", "ideal", "--outdir", str(out), "--steps", "x"],
                          capture_output=True, text=True, env=_env(), timeout=300)
     assert bad.returncode == 2
     assert_one_line_error(bad.stderr, "'--steps': 'x' is not a valid integer")
@@ -201,7 +201,7 @@ def test_torchrun_shards_seeds_with_identical_images(tmp_path):
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun is not on PATH")
-    common = ["generate", "--seeds", "0-7", "--batch", "3", "--steps", "5", "--S_churn", "20", "--device", "cpu"]
+    common = ["generate", "--network", "ideal", "--seeds", "0-7", "--batch", "3", "--steps", "5", "--S_churn", "20", "--device", "cpu"]
     outs = {}
     for procs in (1, 2):
         outs[procs] = tmp_path / f"p{procs}"
@@ -257,7 +257,7 @@ def test_item_4_inputs_are_one_line_errors(tmp_path, args, message, one_thread):
     out = tmp_path / "out"
     steps = [] if "--steps" in args else ["--steps", "2"]
     with time_limit(60):
-        result = CliRunner().invoke(main, ["generate", "--outdir", str(out), "--seeds", "0", *steps, *args])
+        result = CliRunner().invoke(main, ["generate", "--network", "ideal", "--outdir", str(out), "--seeds", "0", *steps, *args])
     assert result.exit_code in (1, 2)
     assert_one_line_error(result.stderr, message)
     assert not out.exists()
@@ -287,9 +287,9 @@ def test_builtin_model_is_independent_of_batch_and_thread_count():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        whole = sample_batch(default_model(), sampler, list(range(6)), "cpu")
+        whole = sample_batch(ideal_model(), sampler, list(range(6)), "cpu")
         torch.set_num_threads(2)
-        parts = torch.cat([sample_batch(default_model(), sampler, [s], "cpu") for s in range(6)])
+        parts = torch.cat([sample_batch(ideal_model(), sampler, [s], "cpu") for s in range(6)])
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(whole, parts)
@@ -312,13 +312,13 @@ def test_fixed_batches_for_a_compiled_network(tmp_path):
             return self.denoiser(x, sigma, class_labels, **kwargs)
 
     sampler = Sampler(num_steps=3)
-    plain, fixed = Shapes(default_model()), Shapes(default_model())
+    plain, fixed = Shapes(ideal_model()), Shapes(ideal_model())
     a = generate_images(plain, sampler, range(7), tmp_path / "a", max_batch_size=3, progress=False)
     b = generate_images(fixed, sampler, range(7), tmp_path / "b", max_batch_size=3, progress=False, fixed_batch=True)
     assert plain.batches == {2, 3} and fixed.batches == {3}  # 7 seeds: EDM's split 3, 2, 2
     assert [p.name for p in a] == [p.name for p in b]
     assert all(np.array_equal(np.asarray(Image.open(x)), np.asarray(Image.open(y))) for x, y in zip(a, b))
     for extra in (["--compile-mode", "reduce-overhead"], ["--compile-cache", str(tmp_path / "cache")]):
-        result = CliRunner().invoke(main, ["generate", "--outdir", str(tmp_path / "c"), "--seeds", "0", *extra])
+        result = CliRunner().invoke(main, ["generate", "--network", "ideal", "--outdir", str(tmp_path / "c"), "--seeds", "0", *extra])
         assert result.exit_code == 1 and "also set compile=True (--compile)" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "c").exists() and not (tmp_path / "cache").exists()

@@ -8,7 +8,7 @@ from PIL import Image
 
 from edm_toolkit.checkpoints import save_model
 from edm_toolkit.cli import main
-from edm_toolkit.default_model import default_model
+from edm_toolkit.default_model import ideal_model
 
 
 def run(*args, ok=True):
@@ -59,10 +59,10 @@ def test_classifier_guidance_through_the_cli(load_fixture, tmp_path):
     model, flags, clf, clf_flags = gd_files(load_fixture, tmp_path)
     common = ["--network", model, "--model-flags", flags, "--seeds", "0-1", "--class", "2", "--steps", "5"]
     for solver in ("ddim", "heun"):
-        run("generate", *common, "--solver", solver, "--outdir", tmp_path / f"plain-{solver}")
-        run("generate", *common, "--solver", solver, "--outdir", tmp_path / f"zero-{solver}",
+        run("generate", "--network", "ideal", *common, "--solver", solver, "--outdir", tmp_path / f"plain-{solver}")
+        run("generate", "--network", "ideal", *common, "--solver", solver, "--outdir", tmp_path / f"zero-{solver}",
             "--classifier", clf, "--classifier-flags", clf_flags, "--classifier-scale", "0")
-        run("generate", *common, "--solver", solver, "--outdir", tmp_path / f"guided-{solver}",
+        run("generate", "--network", "ideal", *common, "--solver", solver, "--outdir", tmp_path / f"guided-{solver}",
             "--classifier", clf, "--classifier-flags", clf_flags, "--classifier-scale", "10")
         plain, zero, guided = (images(tmp_path / f"{k}-{solver}", range(2)) for k in ("plain", "zero", "guided"))
         assert all(np.array_equal(a, b) for a, b in zip(plain, zero))  # scale 0 is plain sampling
@@ -71,12 +71,12 @@ def test_classifier_guidance_through_the_cli(load_fixture, tmp_path):
 
 def test_classifier_free_and_autoguidance_identity_at_w1(tmp_path):
     weak = tmp_path / "weak.pt"
-    save_model(default_model(), weak)
+    save_model(ideal_model(), weak)
     common = ["--seeds", "0-3", "--steps", "5", "--class", "1"]
-    run("generate", *common, "--outdir", tmp_path / "plain")
-    run("generate", *common, "--outdir", tmp_path / "cfg1", "--guidance", "1")
-    run("generate", *common, "--outdir", tmp_path / "auto1", "--guidance", "1", "--guide-network", weak)
-    run("generate", *common, "--outdir", tmp_path / "cfg3", "--guidance", "3", "--guidance-interval", "0.1,10")
+    run("generate", "--network", "ideal", *common, "--outdir", tmp_path / "plain")
+    run("generate", "--network", "ideal", *common, "--outdir", tmp_path / "cfg1", "--guidance", "1")
+    run("generate", "--network", "ideal", *common, "--outdir", tmp_path / "auto1", "--guidance", "1", "--guide-network", weak)
+    run("generate", "--network", "ideal", *common, "--outdir", tmp_path / "cfg3", "--guidance", "3", "--guidance-interval", "0.1,10")
     plain = images(tmp_path / "plain", range(4))
     for other in ("cfg1", "auto1"):
         assert all(np.array_equal(a, b) for a, b in zip(plain, images(tmp_path / other, range(4))))
@@ -92,6 +92,6 @@ def test_classifier_free_and_autoguidance_identity_at_w1(tmp_path):
     (["--solver", "dpmpp_2m_sde", "--S_churn", "5"], "cannot take stochastic churn"),
 ])
 def test_bad_guidance_and_solver_options(tmp_path, args, message):
-    result = run("generate", "--outdir", tmp_path, "--seeds", "0", *args, ok=False)
+    result = run("generate", "--network", "ideal", "--outdir", tmp_path, "--seeds", "0", *args, ok=False)
     lines = result.stderr.strip().splitlines()
     assert result.exit_code != 0 and lines[-1].startswith("Error: ") and message in lines[-1], result.stderr

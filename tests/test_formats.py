@@ -213,7 +213,7 @@ def test_options_a_format_does_not_use_are_errors(option, message, edm_file, tmp
 def test_directories_pickles_as_classifiers_and_named_paths(edm_file, load_fixture, tmp_path):
     code, stderr, _ = cli("generate", "--network", tmp_path, "--outdir", tmp_path / "o", "--seeds", "0")
     assert code == 1 and "is a directory" in one_error(stderr)
-    code, stderr, _ = cli("generate", "--outdir", tmp_path / "o", "--seeds", "0", "--steps", "2", "--classifier",
+    code, stderr, _ = cli("generate", "--network", "ideal", "--outdir", tmp_path / "o", "--seeds", "0", "--steps", "2", "--classifier",
                           edm_file)
     assert code == 1 and "is a plain pickle" in one_error(stderr) and "Unsupported operand" not in stderr
     path = tmp_path / "model.pt"

@@ -19,7 +19,7 @@ from PIL import Image
 from edm_toolkit import generate as generate_module
 from edm_toolkit.checkpoints import save_model
 from edm_toolkit.cli import main
-from edm_toolkit.default_model import default_dataset, default_model
+from edm_toolkit.default_model import ideal_dataset, ideal_model
 from edm_toolkit.errors import EDMToolkitError
 from edm_toolkit.generate import generate_images
 from edm_toolkit.ideal import IdealDenoiser
@@ -67,7 +67,7 @@ def umask():
 def test_pngs_get_the_permissions_the_umask_gives(tmp_path, umask, mask, mode, one_thread):
     """As open(path, 'w') would: 0666 less the umask (EDM writes 0644 under the usual umask 022)."""
     umask(mask)
-    result = run("generate", "--outdir", tmp_path / "out", "--seeds", "0-1", "--grid", *FAST)
+    result = run("generate", "--network", "ideal", "--outdir", tmp_path / "out", "--seeds", "0-1", "--grid", *FAST)
     assert result.exit_code == 0, result.stderr
     for name in ("000000.png", "000001.png", "grid.png"):
         assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == mode
@@ -79,7 +79,7 @@ def test_pngs_get_the_permissions_the_umask_gives(tmp_path, umask, mask, mode, o
 def test_sigterm_stops_like_ctrl_c_and_leaves_only_whole_pngs(tmp_path):
     """SIGTERM mid-run: exit 128 + 15 with one Error line, no temporary file left, every PNG complete."""
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "edm_toolkit", "generate", "--outdir", str(out), "--seeds", "0-4999",
+    proc = subprocess.Popen([sys.executable, "-m", "edm_toolkit", "generate", "--network", "ideal", "--outdir", str(out), "--seeds", "0-4999",
                              "--batch", "1", "--steps", "2"], stderr=subprocess.PIPE, text=True, env=env_one_thread())
     try:
         deadline = time.monotonic() + 120
@@ -133,7 +133,7 @@ def test_the_next_run_removes_temporary_files_of_killed_runs(tmp_path, one_threa
     other_host.write_bytes(b"x")
     unrelated = out / ".notes.tmp"
     unrelated.write_bytes(b"mine")
-    result = run("generate", "--outdir", out, "--seeds", "0-1", *FAST)
+    result = run("generate", "--network", "ideal", "--outdir", out, "--seeds", "0-1", *FAST)
     assert result.exit_code == 0, result.stderr
     assert not stale.exists()
     assert live.exists() and other_host.exists() and unrelated.exists()
@@ -163,26 +163,26 @@ def test_write_atomically_leaves_nothing_on_failure(tmp_path):
 
 def test_skip_existing_continues_where_a_run_stopped(tmp_path, one_thread):
     out = tmp_path / "out"
-    assert run("generate", "--outdir", out, "--seeds", "0-3", *FAST).exit_code == 0
+    assert run("generate", "--network", "ideal", "--outdir", out, "--seeds", "0-3", *FAST).exit_code == 0
     reference = {p.name: p.read_bytes() for p in out.iterdir()}
     (out / "000002.png").unlink()  # as if the run had stopped before seed 2
     kept = (out / "000001.png").stat().st_mtime_ns
     time.sleep(0.01)
-    result = run("generate", "--outdir", out, "--seeds", "0-3", "--skip-existing", *FAST)
+    result = run("generate", "--network", "ideal", "--outdir", out, "--seeds", "0-3", "--skip-existing", *FAST)
     assert result.exit_code == 0, result.stderr
     assert "Skipping 3 seeds whose PNG exists" in result.stderr and "1/1 images" in result.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == reference  # the same bytes as the full run
     assert (out / "000001.png").stat().st_mtime_ns == kept  # not rewritten
     # An empty file is no finished image: it is redone.
     (out / "000003.png").write_bytes(b"")
-    assert run("generate", "--outdir", out, "--seeds", "0-3", "--skip-existing", *FAST).exit_code == 0
+    assert run("generate", "--network", "ideal", "--outdir", out, "--seeds", "0-3", "--skip-existing", *FAST).exit_code == 0
     assert (out / "000003.png").read_bytes() == reference["000003.png"]
 
 
 # Item 6: no silent garbage.
 
 def test_a_network_with_nan_weights_stops_naming_the_first_seed(tmp_path, one_thread):
-    images, labels, classes = default_dataset()
+    images, labels, classes = ideal_dataset()
     images[5] = float("nan")
     path = tmp_path / "nan.pt"
     save_model(IdealDenoiser(images, labels, label_dim=len(classes)), path)
@@ -204,7 +204,7 @@ def test_generate_images_names_the_first_non_finite_seed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(generate_module, "sample_batch", nan_for_seed_12)
     with pytest.raises(EDMToolkitError, match="the image of seed 12 is not finite"):
-        generate_images(default_model(), Sampler(num_steps=2), [10, 11, 12, 13], tmp_path, max_batch_size=2,
+        generate_images(ideal_model(), Sampler(num_steps=2), [10, 11, 12, 13], tmp_path, max_batch_size=2,
                         progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000010.png", "000011.png"]
 
@@ -221,7 +221,7 @@ def test_non_finite_options_are_refused(tmp_path, args, message):
     preset = tmp_path / "inf.toml"
     preset.write_text("[sampling]\nsigma_max = inf\n")
     args = [a.replace("{preset}", str(preset)) for a in args]
-    result = run("generate", "--outdir", tmp_path / "out", "--seeds", "0", *FAST, *args)
+    result = run("generate", "--network", "ideal", "--outdir", tmp_path / "out", "--seeds", "0", *FAST, *args)
     assert result.exit_code in (1, 2) and message in one_error_line(result)
     assert not (tmp_path / "out").exists()
 
@@ -242,7 +242,7 @@ def test_something_in_the_way_is_named_before_any_work(tmp_path, layout, args, m
     else:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(b"")
-    result = run("generate", "--outdir", tmp_path / "out", "--seeds", "0-2", *FAST, *args)
+    result = run("generate", "--network", "ideal", "--outdir", tmp_path / "out", "--seeds", "0-2", *FAST, *args)
     assert result.exit_code in (1, 2) and message in one_error_line(result)
     assert "Generating" not in result.stderr  # found before loading and sampling
     assert [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix == ".png"] == []
@@ -250,10 +250,10 @@ def test_something_in_the_way_is_named_before_any_work(tmp_path, layout, args, m
 
 def test_empty_outdir_and_solver_name_option_are_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert "'--outdir': the directory name is empty" in one_error_line(run("generate", "--outdir", "", *FAST))
-    result = run("generate", "--outdir", "out", "--solver-opt", "name=euler", *FAST)
+    assert "'--outdir': the directory name is empty" in one_error_line(run("generate", "--network", "ideal", "--outdir", "", *FAST))
+    result = run("generate", "--network", "ideal", "--outdir", "out", "--solver-opt", "name=euler", *FAST)
     assert "the solver is chosen with --solver NAME, not --solver-opt name=..." in one_error_line(result)
-    result = run("generate", "--outdir", "out", "--solver-opt", "classifier_scale=2", "--solver", "ddim", *FAST)
+    result = run("generate", "--network", "ideal", "--outdir", "out", "--solver-opt", "classifier_scale=2", "--solver", "ddim", *FAST)
     assert "set the classifier guidance scale with --classifier-scale" in one_error_line(result)
     assert list(tmp_path.iterdir()) == []
 
@@ -263,11 +263,11 @@ def test_skip_existing_with_subdirs_reads_each_directory(tmp_path, one_thread):
     from edm_toolkit.generate import existing_seeds
 
     out = tmp_path / "out"
-    assert run("generate", "--outdir", out, "--seeds", "998-1000", "--subdirs", *FAST).exit_code == 0
+    assert run("generate", "--network", "ideal", "--outdir", out, "--seeds", "998-1000", "--subdirs", *FAST).exit_code == 0
     (out / "000000" / "000998.png").unlink()
     (out / "000000" / "0000998.png").write_bytes(b"not seed 998")
     (out / "000999.png").write_bytes(b"seed 999, but not where --subdirs puts it")
     assert existing_seeds(out, [998, 999, 1000], subdirs=True) == {999, 1000}
-    result = run("generate", "--outdir", out, "--seeds", "998-1000", "--subdirs", "--skip-existing", *FAST)
+    result = run("generate", "--network", "ideal", "--outdir", out, "--seeds", "998-1000", "--subdirs", "--skip-existing", *FAST)
     assert result.exit_code == 0 and "Skipping 2 seeds" in result.stderr, result.stderr
     assert (out / "000000" / "000998.png").stat().st_size > 0

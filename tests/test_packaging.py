@@ -35,8 +35,9 @@ def test_wheel_ships_presets_and_data(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, timeout=300)
     probe = ("import edm_toolkit, edm_toolkit.presets as p; assert 'site' in edm_toolkit.__file__; "
-             "print(p.builtin_presets(), p.load_preset('vp').sampling.nfe, edm_toolkit.default_model().data.shape[0])")
+             "print(p.builtin_presets(), p.load_preset('vp').sampling.nfe, edm_toolkit.ideal_model().data.shape[0], "
+             "edm_toolkit.default_model().label_dim)")
     env = dict(os.environ, PYTHONPATH=str(site))
     done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "['edm', 'iddpm', 've', 'vp'] 18 64"
+    assert done.stdout.strip() == "['edm', 'iddpm', 've', 'vp'] 18 64 10"

@@ -12,7 +12,7 @@ from PIL import Image
 
 from edm_toolkit.adapters.openai import load_openai_checkpoint, load_openai_classifier
 from edm_toolkit.cli import main
-from edm_toolkit.default_model import default_model
+from edm_toolkit.default_model import ideal_model
 from edm_toolkit.errors import ConfigError
 from edm_toolkit.guidance import AutoGuidance, ClassifierFreeGuidance, ClassifierGuidance
 from edm_toolkit.inference import FastDenoiser, InferenceOptions
@@ -51,12 +51,12 @@ def wrappers(net, classifier):
 
 
 def test_every_denoiser_declares_the_protocol(net, classifier):
-    models = [default_model(), net, *(PRECONDITIONERS.get(n)(img_resolution=8, img_channels=3)
+    models = [ideal_model(), net, *(PRECONDITIONERS.get(n)(img_resolution=8, img_channels=3)
                                       for n in PRECONDITIONERS.names())]
     for model in models + [w for _, w in wrappers(net, classifier)]:
         assert isinstance(model, Denoiser), type(model).__name__
         check_denoiser(model)
-    assert default_model().step_grid is None and not default_model().learned_variance
+    assert ideal_model().step_grid is None and not ideal_model().learned_variance
     assert PRECONDITIONERS.get("iddpm")().step_grid.num_timesteps == 1000
     with pytest.raises(ConfigError, match="does not implement the denoiser protocol"):
         Sampler().plan(lambda x, sigma: x)

@@ -33,14 +33,15 @@ def resolve_device(name):
 
 
 def load_network(path, device, echo=True, **source):
-    """--network: a model file of any supported format as a denoiser, or the built-in default model for None."""
-    from ..default_model import NAME, default_model
+    """--network: a model file of any supported format as a denoiser; None is the built-in default model and
+    "ideal" the built-in ideal denoiser (a name, as a preset's: a file of that name is ./ideal)."""
+    from ..default_model import IDEAL, IDEAL_NAME, NAME, default_model, ideal_model
     from ..loading import load_denoiser
 
-    if path is None:
+    if path is None or path == IDEAL:
         if echo:
-            click.echo(f"Using the {NAME}", err=True)
-        return default_model().to(device)
+            click.echo(f"Using the {NAME if path is None else IDEAL_NAME}", err=True)
+        return (default_model() if path is None else ideal_model()).to(device)
     if echo:
         click.echo(f"Loading network from {str(path)!r}...", err=True)
     return load_denoiser(path, device=device, **source)
