@@ -8,6 +8,9 @@ own model format, which ``edm generate --network`` reads.
     run_dir = train(TrainingOptions(data="data.zip", outdir="runs", batch=64, duration=0.1))
 """
 
+from .augment import AugmentPipe
+from .dataset import ImageDataset
+from .dataset_tool import convert_dataset
 from .ema import (HalfLifeEMA, PowerFunctionEMA, gamma_to_sigma_rel, posthoc_coefficients, power_ema_beta,
                   power_profile_inner, sigma_rel_to_gamma)
 from .loop import Trainer, TrainingRun, train
@@ -16,7 +19,7 @@ from .phema import list_power_snapshots, reconstruct_power_ema, write_power_ema
 from .streams import TrainingStreams
 
 __all__ = [
-    "HalfLifeEMA", "PowerFunctionEMA", "Trainer", "TrainingOptions", "TrainingRun", "TrainingStreams",
+    "AugmentPipe", "HalfLifeEMA", "ImageDataset", "convert_dataset", "PowerFunctionEMA", "Trainer", "TrainingOptions", "TrainingRun", "TrainingStreams",
     "gamma_to_sigma_rel", "list_power_snapshots", "posthoc_coefficients", "power_ema_beta", "power_profile_inner",
     "reconstruct_power_ema", "sigma_rel_to_gamma", "train", "write_power_ema",
 ]
