@@ -418,32 +418,6 @@ def _from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return tensors
 
 
-def _from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """pytorch-fid's state_dict in the toolkit's names. Its BatchNorm scale must be 1 (TF's has none)."""
-    tensors, used = {}, set()
-
-    def take(name):
-        used.add(name)
-        if name not in state:
-            raise CheckpointError(f"pytorch-fid state_dict without {name}")
-        return state[name]
-
-    for tv, nv in torchvision_names().items():
-        tensors[f"{nv}.weight"] = take(f"{tv}.conv.weight")
-        tensors[f"{nv}.beta"] = take(f"{tv}.bn.bias")
-        tensors[f"{nv}.mean"] = take(f"{tv}.bn.running_mean")
-        tensors[f"{nv}.var"] = take(f"{tv}.bn.running_var")
-        if not torch.all(take(f"{tv}.bn.weight") == 1):
-            raise CheckpointError(f"{tv}.bn.weight is not all ones: not the FID Inception (TF batch norm has no scale)")
-        used.add(f"{tv}.bn.num_batches_tracked")
-    if "fc.weight" in state:
-        tensors["output.weight"], tensors["output.bias"] = take("fc.weight"), take("fc.bias")
-    unexpected = sorted(set(state) - used)
-    if unexpected:
-        raise CheckpointError(f"unexpected entries for pytorch-fid's FID Inception: {', '.join(unexpected[:3])}")
-    return tensors
-
-
 def _named(read, value, source: FileSource):
     """``read(value)``, its CheckpointError prefixed with the file's name."""
     try:
