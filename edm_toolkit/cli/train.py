@@ -8,53 +8,35 @@ import re
 
 import click
 
+from ..discretizations import MAX_STEPS
 from ..losses import LOSSES, STEP_SAMPLERS
 from ..precond import PRECONDITIONERS
-from .types import parse_seeds
+from ..registry import show
+from .types import Bool, Count, Number, NumberList, OutputDir, Seeds
 
 
-def _int_list(value):
-    """A comma-separated list of integers and ranges (train.py's --cres syntax), e.g. 1,2,2,2."""
-    if value is None or isinstance(value, tuple):
-        return value
-    try:
-        return tuple(parse_seeds(value))
-    except click.BadParameter as exc:
-        raise click.BadParameter(exc.message) from None
+class NetOpt(click.ParamType):
+    """--net-opt KEY=VALUE: VALUE is JSON (finite numbers, lists, true/false) or else a string."""
 
-
-def _float_list(value):
-    if value is None or isinstance(value, tuple):
-        return value
-    try:
-        return tuple(float(v) for v in str(value).split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
-
-
-class _List(click.ParamType):
-    def __init__(self, parse, name):
-        self.parse, self.name = parse, name
+    name = "KEY=VALUE"
 
     def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        key, sep, text = str(value).partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_]\w{0,63}", key):
+            self.fail(f"{show(value)} is not KEY=VALUE (KEY a constructor argument's name)", param, ctx)
         try:
-            return self.parse(value)
-        except click.BadParameter as exc:
-            self.fail(exc.message, param, ctx)
-
-
-def _net_opts(values) -> dict:
-    """--net-opt KEY=VALUE pairs; VALUE is JSON (numbers, lists, true/false) or else a string."""
-    opts = {}
-    for item in values:
-        key, sep, text = item.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_]\w*", key):
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="'--net-opt'")
-        try:
-            opts[key] = json.loads(text)
+            parsed = json.loads(text, parse_constant=_no_constant)
         except json.JSONDecodeError:
-            opts[key] = text
-    return opts
+            parsed = text  # not JSON: a string
+        except ValueError as exc:  # NaN, Infinity, or an integer of thousands of digits
+            self.fail(f"{key}={show(text)}: {exc}", param, ctx)
+        return key, parsed
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a finite number")
 
 
 def _architectures():
@@ -65,9 +47,9 @@ def _architectures():
 
 @click.command(context_settings={"show_default": True})
 # Main options.
-@click.option("--outdir", required=True, metavar="DIR", help="Where to save the results")
+@click.option("--outdir", required=True, metavar="DIR", type=OutputDir(), help="Where to save the results")
 @click.option("--data", required=True, metavar="ZIP|DIR", help="Path to the dataset (EDM's layout, see 'edm dataset')")
-@click.option("--cond", type=bool, default=False, metavar="BOOL", help="Train class-conditional model")
+@click.option("--cond", type=Bool(), default=False, metavar="BOOL", help="Train class-conditional model")
 @click.option("--arch", type=click.Choice(_architectures()), default="ddpmpp",
               help="Network architecture: train.py's ddpmpp|ncsnpp|adm, a registered backbone with its defaults, or "
                    "iddpm|guided: improved-/guided-diffusion's U-Net on its own discrete diffusion (see --model-flags)")
@@ -77,7 +59,7 @@ def _architectures():
                    "an upsampler)")
 @click.option("--noise-schedule", type=click.Choice(["linear", "cosine"]), default=None,
               help="--arch iddpm|guided: the model's beta schedule (= the flag --noise_schedule)  [default: linear]")
-@click.option("--diffusion-steps", type=click.IntRange(min=1), default=None, metavar="T",
+@click.option("--diffusion-steps", type=Count(min=1, max=MAX_STEPS), default=None, metavar="T",
               help="--arch iddpm|guided: the number of diffusion steps (= the flag --diffusion_steps)  [default: 1000]")
 @click.option("--precond", type=click.Choice(PRECONDITIONERS.names()), default=None,
               help="Preconditioning  [default: the preset's, else edm]")
@@ -91,55 +73,55 @@ def _architectures():
 @click.option("--preset", default=None, metavar="NAME|PATH",
               help="Take preconditioning and loss, with their parameters, from a preset (see 'edm presets')")
 # Hyperparameters.
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=200, metavar="MIMG",
+@click.option("--duration", type=Number(min=0, min_open=True), default=200, metavar="MIMG",
               help="Training duration")
-@click.option("--batch", type=click.IntRange(min=1), default=512, metavar="INT", help="Total batch size")
-@click.option("--batch-gpu", type=click.IntRange(min=1), default=None, metavar="INT",
+@click.option("--batch", type=Count(min=1), default=512, metavar="INT", help="Total batch size")
+@click.option("--batch-gpu", type=Count(min=1), default=None, metavar="INT",
               help="Limit batch size per process (gradient accumulation)")
-@click.option("--cbase", type=click.IntRange(min=1), default=None, metavar="INT", help="Channel multiplier  [default: varies]")
-@click.option("--cres", type=_List(_int_list, "LIST"), default=None, metavar="LIST",
+@click.option("--cbase", type=Count(min=1), default=None, metavar="INT", help="Channel multiplier  [default: varies]")
+@click.option("--cres", type=NumberList(Count(min=1)), default=None, metavar="LIST",
               help="Channels per resolution  [default: varies]")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=10e-4, metavar="FLOAT", help="Learning rate")
-@click.option("--lr-rampup", type=click.FloatRange(min=0), default=10000, metavar="KIMG",
+@click.option("--lr", type=Number(min=0, min_open=True), default=10e-4, metavar="FLOAT", help="Learning rate")
+@click.option("--lr-rampup", type=Number(min=0), default=10000, metavar="KIMG",
               help="Learning-rate ramp-up duration (EDM: 10000)")
-@click.option("--ema", type=click.FloatRange(min=0), default=0.5, metavar="MIMG", help="EMA half-life")
-@click.option("--ema-rampup", type=click.FloatRange(min=0), default=0.05, metavar="FLOAT",
+@click.option("--ema", type=Number(min=0), default=0.5, metavar="MIMG", help="EMA half-life")
+@click.option("--ema-rampup", type=Number(min=0), default=0.05, metavar="FLOAT",
               help="EMA ramp-up ratio: half-life at most this fraction of the images seen (0 or --transfer: off)")
-@click.option("--phema", type=_List(_float_list, "LIST"), default=None, metavar="LIST",
+@click.option("--phema", type=NumberList(Number(min=0, min_open=True)), default=None, metavar="LIST",
               help="Also track power-function EMAs of these widths sigma_rel (EDM2: 0.05,0.10) for 'edm phema'")
-@click.option("--dropout", type=click.FloatRange(min=0, max=1), default=None, metavar="FLOAT",
+@click.option("--dropout", type=Number(min=0, max=1), default=None, metavar="FLOAT",
               help="Dropout probability  [default: 0.13; --arch iddpm|guided: the flag --dropout, 0]")
-@click.option("--augment", type=click.FloatRange(min=0, max=1), default=None, metavar="FLOAT",
+@click.option("--augment", type=Number(min=0, max=1), default=None, metavar="FLOAT",
               help="Augment probability  [default: 0.12; --arch iddpm|guided: none]")
-@click.option("--xflip", type=bool, default=False, metavar="BOOL", help="Enable dataset x-flips")
-@click.option("--cond-drop", type=click.FloatRange(min=0, max=1), default=0.0, metavar="P",
+@click.option("--xflip", type=Bool(), default=False, metavar="BOOL", help="Enable dataset x-flips")
+@click.option("--cond-drop", type=Number(min=0, max=1), default=0.0, metavar="P",
               help="Label dropout: train the unconditional model too (classifier-free guidance)")
 # Performance-related.
-@click.option("--fp16", type=bool, default=False, metavar="BOOL", help="Enable mixed-precision training (= --precision fp16)")
+@click.option("--fp16", type=Bool(), default=False, metavar="BOOL", help="Enable mixed-precision training (= --precision fp16)")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Network precision: fp32 (faithful), bf16 (autocast), fp16 (EDM's --fp16, CUDA)  [default: fp32]")
 @click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (slow start, faster steps)")
-@click.option("--ls", type=click.FloatRange(min=0, min_open=True), default=1, metavar="FLOAT", help="Loss scaling")
-@click.option("--bench", type=bool, default=True, metavar="BOOL", help="Enable cuDNN benchmarking")
-@click.option("--cache", type=bool, default=True, metavar="BOOL", help="Cache dataset in CPU memory")
-@click.option("--workers", type=click.IntRange(min=0), default=1, metavar="INT",
+@click.option("--ls", type=Number(min=0, min_open=True), default=1, metavar="FLOAT", help="Loss scaling")
+@click.option("--bench", type=Bool(), default=True, metavar="BOOL", help="Enable cuDNN benchmarking")
+@click.option("--cache", type=Bool(), default=True, metavar="BOOL", help="Cache dataset in CPU memory")
+@click.option("--workers", type=Count(min=0), default=1, metavar="INT",
               help="DataLoader worker processes (0: load in the training process)")
 @click.option("--device", default=None, metavar="DEVICE", help="Torch device  [default: cuda if available, else cpu]")
 # I/O-related.
 @click.option("--desc", default=None, metavar="STR", help="String to include in result dir name")
 @click.option("--nosubdir", is_flag=True, help="Do not create a subdirectory for results")
-@click.option("--tick", type=click.FloatRange(min=0, min_open=True), default=50, metavar="KIMG",
+@click.option("--tick", type=Number(min=0, min_open=True), default=50, metavar="KIMG",
               help="How often to print progress")
-@click.option("--snap", type=click.IntRange(min=1), default=50, metavar="TICKS", help="How often to save snapshots")
-@click.option("--dump", type=click.IntRange(min=1), default=500, metavar="TICKS", help="How often to dump state")
-@click.option("--seed", type=click.IntRange(min=0), default=None, metavar="INT", help="Random seed  [default: random]")
+@click.option("--snap", type=Count(min=1), default=50, metavar="TICKS", help="How often to save snapshots")
+@click.option("--dump", type=Count(min=1), default=500, metavar="TICKS", help="How often to dump state")
+@click.option("--seed", type=Count(min=0), default=None, metavar="INT", help="Random seed  [default: random]")
 @click.option("--transfer", default=None, metavar="PATH", help="Transfer learning from a network file (any supported format)")
 @click.option("--resume", default=None, metavar="PT|DIR|auto",
               help="Resume from a training state, the latest one in a run directory, or 'auto' (the latest run "
                    "of these options in --outdir, else start)")
-@click.option("--net-opt", "net_opts", multiple=True, metavar="KEY=VALUE",
+@click.option("--net-opt", "net_opts", type=NetOpt(), multiple=True,
               help="A backbone constructor argument, e.g. --net-opt num_blocks=2 (repeatable; VALUE is JSON)")
-@click.option("--grid-seeds", type=_List(_int_list, "LIST"), default=None, metavar="LIST",
+@click.option("--grid-seeds", type=Seeds(), default=None, metavar="LIST",
               help="Write a grid of samples from the EMA with every snapshot (e.g. 0-63)")
 @click.option("--metrics", default=None, metavar="LIST",
               help="Metrics of the EMA with every snapshot, to metric-NAME.jsonl and stats.jsonl: fid50k, fid10k "
@@ -165,9 +147,11 @@ def train(fp16, precision, compile_net, net_opts, dry_run, phema, metrics, ema_r
         precision = "fp16" if fp16 else "fp32"
     elif fp16 and precision != "fp16":
         raise click.UsageError(f"--fp16 1 contradicts --precision {precision}; give one of them")
-    metric_names = tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics else ()
-    trainer = Trainer(TrainingOptions(**options, precision=precision, compile=compile_net, net_opts=_net_opts(net_opts),
-                                      phema=phema or (), metrics=metric_names, ema_rampup=ema_rampup or None))
+    metric_names = tuple(m.strip() for m in metrics.split(",")) if metrics is not None else ()
+    grid_seeds = options.pop("grid_seeds")
+    trainer = Trainer(TrainingOptions(**options, precision=precision, compile=compile_net, net_opts=dict(net_opts),
+                                      phema=phema or (), metrics=metric_names, ema_rampup=ema_rampup or None,
+                                      grid_seeds=None if grid_seeds is None else tuple(grid_seeds)))
     if dry_run:
         trainer.dry_run()
     else:

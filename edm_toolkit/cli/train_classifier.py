@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import click
 
+from ..discretizations import MAX_STEPS
+from .types import Bool, Count, Number, OutputDir
+
 
 @click.command("train-classifier", context_settings={"show_default": True})
-@click.option("--outdir", required=True, metavar="DIR", help="Where to save the results")
+@click.option("--outdir", required=True, metavar="DIR", type=OutputDir(), help="Where to save the results")
 @click.option("--data", required=True, metavar="ZIP|DIR", help="Labelled dataset (EDM's layout, see 'edm dataset')")
 @click.option("--model-flags", default=None, metavar="FLAGS",
               help="The classifier's flags in the original syntax, e.g. \"--classifier_depth 4\" (unset: "
@@ -14,37 +17,37 @@ import click
                    "override what create_classifier hard-codes)")
 @click.option("--noise-schedule", type=click.Choice(["linear", "cosine"]), default=None,
               help="The beta schedule of the diffusion it will guide (= the flag --noise_schedule)  [default: linear]")
-@click.option("--diffusion-steps", type=click.IntRange(min=1), default=None, metavar="T",
+@click.option("--diffusion-steps", type=Count(min=1, max=MAX_STEPS), default=None, metavar="T",
               help="The diffusion's number of steps (= the flag --diffusion_steps)  [default: 1000]")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=76.8, metavar="MIMG",
+@click.option("--duration", type=Number(min=0, min_open=True), default=76.8, metavar="MIMG",
               help="Training duration (300k iterations of 256 images)")
-@click.option("--batch", type=click.IntRange(min=1), default=256, metavar="INT", help="Total batch size")
-@click.option("--batch-gpu", type=click.IntRange(min=1), default=None, metavar="INT",
+@click.option("--batch", type=Count(min=1), default=256, metavar="INT", help="Total batch size")
+@click.option("--batch-gpu", type=Count(min=1), default=None, metavar="INT",
               help="Limit batch size per process (gradient accumulation)")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, metavar="FLOAT",
+@click.option("--lr", type=Number(min=0, min_open=True), default=3e-4, metavar="FLOAT",
               help="Learning rate (AdamW)")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.05, metavar="FLOAT", help="AdamW weight decay")
-@click.option("--anneal-lr", type=bool, default=True, metavar="BOOL",
+@click.option("--weight-decay", type=Number(min=0), default=0.05, metavar="FLOAT", help="AdamW weight decay")
+@click.option("--anneal-lr", type=Bool(), default=True, metavar="BOOL",
               help="Anneal the learning rate linearly to 0 over the run")
-@click.option("--random-crop", type=bool, default=True, metavar="BOOL",
+@click.option("--random-crop", type=Bool(), default=True, metavar="BOOL",
               help="guided-diffusion's random crop (resize to [R, R/0.8], crop R x R)")
-@click.option("--random-flip", type=bool, default=True, metavar="BOOL", help="Horizontal flip with probability 1/2")
-@click.option("--xflip", type=bool, default=False, metavar="BOOL", help="Enable dataset x-flips (EDM's)")
+@click.option("--random-flip", type=Bool(), default=True, metavar="BOOL", help="Horizontal flip with probability 1/2")
+@click.option("--xflip", type=Bool(), default=False, metavar="BOOL", help="Enable dataset x-flips (EDM's)")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", help="Network precision")
 @click.option("--compile", "compile_net", is_flag=True, help="torch.compile the classifier")
-@click.option("--ls", type=click.FloatRange(min=0, min_open=True), default=1, metavar="FLOAT", help="Loss scaling")
-@click.option("--bench", type=bool, default=True, metavar="BOOL", help="Enable cuDNN benchmarking")
-@click.option("--cache", type=bool, default=True, metavar="BOOL", help="Cache dataset in CPU memory")
-@click.option("--workers", type=click.IntRange(min=0), default=1, metavar="INT",
+@click.option("--ls", type=Number(min=0, min_open=True), default=1, metavar="FLOAT", help="Loss scaling")
+@click.option("--bench", type=Bool(), default=True, metavar="BOOL", help="Enable cuDNN benchmarking")
+@click.option("--cache", type=Bool(), default=True, metavar="BOOL", help="Cache dataset in CPU memory")
+@click.option("--workers", type=Count(min=0), default=1, metavar="INT",
               help="DataLoader worker processes (0: load in the training process)")
 @click.option("--device", default=None, metavar="DEVICE", help="Torch device  [default: cuda if available, else cpu]")
 @click.option("--desc", default=None, metavar="STR", help="String to include in result dir name")
 @click.option("--nosubdir", is_flag=True, help="Do not create a subdirectory for results")
-@click.option("--tick", type=click.FloatRange(min=0, min_open=True), default=50, metavar="KIMG",
+@click.option("--tick", type=Number(min=0, min_open=True), default=50, metavar="KIMG",
               help="How often to print progress")
-@click.option("--snap", type=click.IntRange(min=1), default=50, metavar="TICKS", help="How often to save snapshots")
-@click.option("--dump", type=click.IntRange(min=1), default=500, metavar="TICKS", help="How often to dump state")
-@click.option("--seed", type=click.IntRange(min=0), default=None, metavar="INT", help="Random seed  [default: random]")
+@click.option("--snap", type=Count(min=1), default=50, metavar="TICKS", help="How often to save snapshots")
+@click.option("--dump", type=Count(min=1), default=500, metavar="TICKS", help="How often to dump state")
+@click.option("--seed", type=Count(min=0), default=None, metavar="INT", help="Random seed  [default: random]")
 @click.option("--resume", default=None, metavar="PT|DIR|auto",
               help="Resume from a training state, the latest one in a run directory, or 'auto'")
 def train_classifier(compile_net, **options):

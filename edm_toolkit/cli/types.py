@@ -2,14 +2,17 @@
 
 Every numeric option goes through these types, so the checks hold for every command: a float is finite (infinity
 only where the option says so, e.g. EDM's ``--S_max inf``) and within its range, an integer within its range, a
-seed list within ``MAX_SEEDS`` seeds of 0..2**32 - 1 (counted
-before a list is built). A bad value is a usage error (exit 2) that names the option, before any work.
+seed list within ``MAX_SEEDS`` seeds of 0..2**32 - 1 (counted before a list is built), a list of numbers
+without empty items, a boolean spelled out (not empty text), and an output name neither empty nor longer than a
+file name can be. A bad value is a usage error (exit 2) that names the option, before any work.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
+from pathlib import Path
 
 import click
 
@@ -110,13 +113,78 @@ class Interval(click.ParamType):
         return lo, hi
 
 
+MAX_LIST = 1000  # items in a list of numbers (--cres, --phema, ...): none needs more
+
+NAME_MAX = 255  # bytes of one file name (Linux, macOS and Windows file systems)
+
+
+class Bool(click.types.BoolParamType):
+    """A boolean, 1/0, true/false, yes/no, on/off (click's spellings); empty text is refused, not read as false."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("empty text is not a boolean; give 1 or 0", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class NumberList(click.ParamType):
+    """A comma-separated list of at most MAX_LIST numbers, each converted by ``item`` (a Number or Count), e.g.
+    --cres 1,2,2,2; empty text or an empty item is refused. Converts to a tuple."""
+
+    name = "LIST"
+
+    def __init__(self, item: click.ParamType):
+        self.item = item
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).split(",")
+        if len(parts) > MAX_LIST:
+            self.fail(f"more than {MAX_LIST} items", param, ctx)
+        if not all(part.strip() for part in parts):
+            self.fail(f"{show(value)} has an empty item; give numbers separated by commas, e.g. 1,2,2", param, ctx)
+        items = []
+        for part in parts:
+            try:
+                items.append(self.item.convert(part.strip(), None, None))
+            except click.BadParameter as exc:
+                self.fail(f"item {show(part.strip(), 24)}: {exc.message}", param, ctx)
+        return tuple(items)
+
+
+def check_file_name(text: str) -> str | None:
+    """Why ``text`` cannot name a file or directory to write (empty, or a part longer than NAME_MAX bytes), or
+    None. Undecodable bytes (surrogate escapes) are a valid name's."""
+    if not text.strip():
+        return "the name is empty"
+    for part in Path(text).parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            return f"{show(part, 24)} is longer than a file name can be ({NAME_MAX} bytes)"
+    return None
+
+
 class OutputDir(click.Path):
-    """A directory to write into: not empty text, not an existing file."""
+    """A directory to write into: not empty text, not an existing file, each part a possible file name."""
 
     def __init__(self):
         super().__init__(file_okay=False)
 
     def convert(self, value, param, ctx):
-        if not str(value).strip():
-            self.fail("the directory name is empty", param, ctx)
+        problem = check_file_name(str(value))
+        if problem:
+            self.fail(problem.replace("the name", "the directory name"), param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class OutputFile(click.Path):
+    """A file to write: not empty text, not an existing directory, each part a possible file name."""
+
+    def __init__(self):
+        super().__init__(dir_okay=False)
+
+    def convert(self, value, param, ctx):
+        problem = check_file_name(str(value))
+        if problem:
+            self.fail(problem.replace("the name", "the file name"), param, ctx)
         return super().convert(value, param, ctx)

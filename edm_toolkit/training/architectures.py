@@ -25,12 +25,15 @@ from torch import nn
 from ..adapters.openai import OpenAIDenoiser, OpenAIDiffusion
 from ..adapters.openai_flags import (NUM_CLASSES, SCRIPT_FLAGS, model_and_diffusion_defaults, model_from_flags,
                                      parse_model_flags, sr_model_and_diffusion_defaults)
+from ..discretizations import MAX_STEPS
 from ..errors import ConfigError
+from ..io.formats import MAX_ARGUMENT
 from ..losses import LOSSES, DiscreteDiffusionLoss
 from ..networks import dhariwal_unet, song_unet
 from ..networks.registry import build_network, network_config
 from ..precond import Preconditioner
 from ..presets import PrecondConfig
+from ..registry import show
 
 
 @dataclass(frozen=True)
@@ -86,14 +89,22 @@ def backbone_config(arch: str, *, resolution: int, channels: int, label_dim: int
     return {"type": architecture.network, "kwargs": kwargs}
 
 
+CONSTRUCTOR_ERRORS = (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, OverflowError, RuntimeError)
+"""What constructors raise for arguments they cannot take (e.g. a negative width: RuntimeError from torch)."""
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
 def build_denoiser(backbone: Mapping[str, Any], precond: PrecondConfig, *, use_fp16: bool = False) -> Preconditioner:
     """The preconditioned network D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) with a fresh backbone F."""
     kwargs = backbone["kwargs"]
     try:
         model = build_network(dict(backbone))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"cannot build the {backbone['type']} backbone: {exc} (check --net-opt/--cbase/--cres)"
-                          ) from None
+    except CONSTRUCTOR_ERRORS as exc:
+        raise ConfigError(f"cannot build the {backbone['type']} backbone: {_first_line(exc)} (check --net-opt/--cbase/"
+                          "--cres)") from None
     return precond.build(model, img_resolution=kwargs["img_resolution"], img_channels=kwargs["in_channels"],
                          label_dim=kwargs["label_dim"], use_fp16=use_fp16)
 
@@ -160,13 +171,44 @@ def openai_flags(arch: str, model_flags: str | None, *, resolution: int, cond: b
     return complete
 
 
+_UNSET_FLAGS = ("num_heads_upsample", "num_head_channels")  # -1: "not set" in the originals
+_LIST_FLAGS = ("attention_resolutions", "channel_mult", "classifier_attention_resolutions")
+
+
 def check_model_flags(given: Mapping[str, Any]) -> None:
     """Refuses the flags of the original scripts that describe a run rather than a model (``--batch_size`` of
-    TRAIN_FLAGS, sampling options), which the options of the toolkit's command set instead."""
+    TRAIN_FLAGS, sampling options), which the options of the toolkit's command set instead, and values that
+    describe no network: sizes, widths, depths and counts are positive (-1 is "not set" for
+    ``--num_head_channels`` and ``--num_heads_upsample``), ``--diffusion_steps`` at most MAX_STEPS, ``--dropout``
+    in [0, 1], and the lists (``--attention_resolutions``, ``--channel_mult``, ...) positive numbers."""
     script = sorted(set(given) & SCRIPT_FLAGS)
     if script:
         fix = "use --batch" if script[0] == "batch_size" else "drop it"
         raise ConfigError(f"--model-flags: --{script[0]} is a flag of the original scripts, not of the model; {fix}")
+    for name, value in given.items():
+        problem = _flag_problem(name, value)
+        if problem:
+            raise ConfigError(f"--model-flags: --{name} {show(value, 40)} {problem}")
+
+
+def _flag_problem(name: str, value: Any) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        if name in _UNSET_FLAGS and value == -1:
+            return None
+        limit = MAX_STEPS if name == "diffusion_steps" else MAX_ARGUMENT
+        return None if 1 <= value <= limit else f"is out of range: give 1 to {limit:,}"
+    if isinstance(value, float):
+        return None if 0 <= value <= 1 else "is out of range: give a probability in [0, 1]"
+    if name in _LIST_FLAGS and isinstance(value, str) and value.strip():
+        try:
+            numbers = [float(part) for part in value.split(",")]
+        except ValueError:
+            return "is not a list of numbers, e.g. 16,8"
+        if not all(0 < number <= MAX_ARGUMENT for number in numbers):
+            return "must list positive numbers"
+    return None
 
 
 def is_upsampler(flags: Mapping[str, Any]) -> bool:
@@ -180,8 +222,8 @@ def build_openai_denoiser(arch: str, flags: Mapping[str, Any], *, channels: int,
     try:
         model = model_from_flags(dict(flags), codebase=codebase, in_channels=channels,
                                  num_classes=label_dim if flags.get("class_cond") else NUM_CLASSES)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"cannot build the {arch} network from --model-flags: {exc}") from None
+    except CONSTRUCTOR_ERRORS as exc:
+        raise ConfigError(f"cannot build the {arch} network from --model-flags: {_first_line(exc)}") from None
     resolution = int(flags["large_size" if is_upsampler(flags) else "image_size"])
     return OpenAIDenoiser(model, OpenAIDiffusion.from_flags(flags), codebase=codebase, flags=dict(flags),
                           img_resolution=resolution)

@@ -34,9 +34,9 @@ from ..checkpoints import save_model
 from ..errors import ConfigError
 from ..io.formats import model_config
 from ..losses import UniformStepSampler
-from .architectures import check_model_flags, parameter_count
+from .architectures import CONSTRUCTOR_ERRORS, check_model_flags, parameter_count
 from .loop import Meters, TrainingRun
-from .options import PRECISIONS, OptionsRecord
+from .options import PRECISIONS, OptionsRecord, check_desc
 from .samples import ImageSource
 from .streams import TrainingStreams
 
@@ -102,8 +102,7 @@ class ClassifierOptions(OptionsRecord):
         need(self.seed is None or 0 <= self.seed < 1 << 63, f"--seed must be a non-negative integer, got {self.seed}")
         need(self.diffusion_steps is None or self.diffusion_steps >= 1,
              f"--diffusion-steps must be >= 1, got {self.diffusion_steps}")
-        need(self.desc is None or ("/" not in self.desc and self.desc.strip() == self.desc and self.desc != ""),
-             f"--desc must be a non-empty name without '/', got {self.desc!r}")
+        check_desc(self.desc)
 
 
 def classifier_flags(model_flags: str | None, *, resolution: int, noise_schedule: str | None = None,
@@ -142,8 +141,8 @@ def build_classifier(flags: dict[str, Any], *, channels: int, num_classes: int) 
     try:
         model = classifier_from_flags({k: v for k, v in flags.items() if k not in _EXTENSIONS},
                                       num_classes=num_classes, in_channels=channels, **extensions)
-    except (TypeError, ValueError, AssertionError) as exc:
-        raise ConfigError(f"cannot build the classifier from --model-flags: {exc} (e.g. --channel_mult 1,2 for "
+    except (*CONSTRUCTOR_ERRORS, AssertionError) as exc:
+        raise ConfigError(f"cannot build the classifier from --model-flags: {str(exc)[:200]} (e.g. --channel_mult 1,2 for "
                           "small images, --num_head_channels C dividing the widths)") from None
     return OpenAIClassifier(model, OpenAIDiffusion.from_flags(flags), flags=flags)
 

@@ -13,28 +13,31 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..losses import LOSSES, STEP_SAMPLERS
 from ..precond import PRECONDITIONERS
+from ..registry import show
 from .ema import check_sigma_rel
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 EDM_DROPOUT, EDM_AUGMENT = 0.13, 0.12  # train.py's defaults for its architectures
-_METRIC = re.compile(r"fid(\d+)(k?)")
+_METRIC = re.compile(r"fid([0-9]{1,7})(k?)")
+MAX_METRIC_IMAGES = 1_000_000  # generated images of one metric (edm generate's limit on seeds)
 
 
 def metric_images(name: str) -> int:
     """The number of generated images of an in-training metric: fid50k -> 50000, fid10k -> 10000, fid64 -> 64
-    (FID against --ref of that many images, EDM's fid.py protocol)."""
+    (FID against --ref of that many images, EDM's fid.py protocol), 2 to MAX_METRIC_IMAGES."""
     match = _METRIC.fullmatch(name)
     count = int(match.group(1)) * (1000 if match.group(2) else 1) if match else 0
-    if count < 2:
-        raise ConfigError(f"unknown --metrics {name!r}; choose fid50k, fid10k (or fidN / fidNk: FID of N or N "
-                          "thousand generated images, N >= 2)")
+    if not 2 <= count <= MAX_METRIC_IMAGES:
+        raise ConfigError(f"unknown --metrics {show(name, 40)}; choose fid50k, fid10k (or fidN / fidNk: FID of N or N "
+                          f"thousand generated images, 2 <= N images <= {MAX_METRIC_IMAGES:,})")
     return count
 
 
@@ -173,8 +176,8 @@ class TrainingOptions(OptionsRecord):
         need(self.transfer is None or self.resume is None, "--transfer and --resume cannot be given together")
         need(self.grid_seeds is None or len(self.grid_seeds) > 0, "--grid-seeds is empty")
         need(isinstance(self.net_opts, dict), "net_opts must be a dict")
-        need(self.desc is None or ("/" not in self.desc and self.desc.strip() == self.desc and self.desc != ""),
-             f"--desc must be a non-empty name without '/', got {self.desc!r}")
+        check_net_opts(self.net_opts, self.arch)
+        check_desc(self.desc)
 
     def arch_known(self) -> bool:
         return self.arch in _architectures()
@@ -190,6 +193,100 @@ class TrainingOptions(OptionsRecord):
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+MAX_DESC = 100  # bytes of --desc: the run directory's name holds it and must stay a valid file name
+
+
+def check_desc(desc: str | None) -> None:
+    """--desc becomes part of the run directory's name: a non-empty name without '/' or surrounding spaces, of at
+    most MAX_DESC bytes."""
+    if desc is None:
+        return
+    if not desc or "/" in desc or desc.strip() != desc or "\0" in desc:
+        raise ConfigError(f"--desc must be a non-empty name without '/', got {show(desc)}")
+    if len(os.fsencode(desc)) > MAX_DESC:
+        raise ConfigError(f"--desc {show(desc, 24)} is longer than {MAX_DESC} bytes; it becomes part of the run "
+                          "directory's name")
+
+
+RUN_ARGUMENTS = ("img_resolution", "in_channels", "out_channels", "label_dim", "augment_dim")  # set by the run
+
+
+def check_net_opts(net_opts: dict[str, Any], arch: str) -> None:
+    """--net-opt KEY=VALUE: bounded plain data (a model file's limits on constructor arguments), each KEY an
+    argument of the backbone of ``arch`` that the run does not set, each VALUE of the argument's annotated type:
+    an integer (not negative, unless the constructor's default is), a finite non-negative number, a string, or a
+    list of these. Whether the backbone can be built with them is checked when it is built."""
+    from ..io.formats import check_arguments
+
+    try:
+        check_arguments(net_opts, "--net-opt")
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    if not net_opts or arch not in _edm_architectures():
+        return  # --arch iddpm|guided refuses --net-opt itself
+    network, hints, defaults = _constructor(arch)
+    for key, value in net_opts.items():
+        if key in RUN_ARGUMENTS:
+            raise ConfigError(f"--net-opt {key} is set by the run (the dataset, --cond and --augment); drop it")
+        if key not in hints:
+            raise ConfigError(f"--net-opt {show(key, 40)}: the {network} backbone has no such argument; it takes "
+                              f"{', '.join(k for k in hints if k not in RUN_ARGUMENTS)}")
+        problem = _type_problem(value, hints[key], defaults.get(key))
+        if problem:
+            raise ConfigError(f"--net-opt {key}={show(value)}: {problem}")
+
+
+def _edm_architectures():
+    from .architectures import ARCHITECTURES
+
+    return ARCHITECTURES
+
+
+def _constructor(arch: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(network name, {argument: type hint}, {argument: default}) of the backbone constructor of ``arch``."""
+    import inspect
+    import typing
+
+    from ..networks import NETWORKS, load_all
+
+    load_all()
+    network = _edm_architectures()[arch].network
+    init = inspect.unwrap(NETWORKS[network].__init__)
+    hints = {k: v for k, v in typing.get_type_hints(init).items() if k != "return"}
+    defaults = {k: p.default for k, p in inspect.signature(init).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return network, hints, defaults
+
+
+def _type_problem(value: Any, hint: Any, default: Any) -> str | None:
+    """Why ``value`` is not of the constructor argument's annotated type ``hint`` (see check_net_opts), or None."""
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is not None and origin is not typing.Union and args:  # Sequence[int], list[float], ...
+        if not isinstance(value, list):
+            return "a list is expected, e.g. [16]"
+        for item in value:
+            problem = _type_problem(item, args[0], None)
+            if problem:
+                return f"item {show(item)}: {problem}"
+        return None
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false is expected"
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "an integer is expected"
+        negative_ok = isinstance(default, int) and default < 0
+        return None if value >= 0 or negative_ok else "must not be negative"
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "a number is expected"
+        return None if math.isfinite(value) and value >= 0 else "must be a finite number >= 0"
+    if hint is str:
+        return None if isinstance(value, str) else "a string is expected"
+    return None
 
 
 def _architectures():

@@ -80,6 +80,7 @@ class RunLog:
             self.file = open(run_dir / "log.txt", "a", encoding="utf-8")
 
     def __call__(self, text: str = "") -> None:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # a path's undecodable bytes as \udcXX
         print(text, file=self.stream, flush=True)
         if self.file is not None:
             self.file.write(text + "\n")
