@@ -120,7 +120,7 @@ def test_bad_input_gets_one_line_errors(tmp_path, rgb_data, discrete_model):
                    "applies to --method vlb")
     one_error_line(run("--network", ideal, "--data", rgb_data, "--method", "ode", "--num", 6),
                    "--num 6 but the dataset holds 5 images")
-    one_error_line(run("--data", rgb_data, "--method", "ode"), "holds 3x8x8 images but the network takes 3x32x32")
+    one_error_line(run("--data", rgb_data, "--method", "ode"), "holds 3x8x8 images but the network takes 1x32x32")
     one_error_line(run("--network", ideal, "--data", tmp_path / "missing", "--method", "ode"), "does not exist")
     one_error_line(run("--network", ideal, "--data", rgb_data, "--method", "ode", "--preset", "nope"), "unknown preset")
     conditional = tmp_path / "conditional.pt"

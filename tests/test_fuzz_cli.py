@@ -544,10 +544,8 @@ def test_the_valid_arguments_are_valid(inputs, tmp_path, monkeypatch, one_thread
             workdir = tmp_path / f"{'-'.join(path)}{option or ''}"
             workdir.mkdir()
             monkeypatch.chdir(workdir)
-            import time; t0 = time.time()
             with time_limit(TIME_LIMIT_S):
                 result = CliRunner().invoke(main, [*path, *args])
-            print(f"TIME {time.time() - t0:.2f} {path} {option}")
             assert result.exit_code == 0, (path, args, result.stderr[-2000:])
 
 
