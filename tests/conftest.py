@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 import os
@@ -65,3 +66,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_code_execution(monkeypatch):
+    """Fails the test if exec, eval or compile is called while a file is read."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("code from the file was compiled or executed")
+
+    for name in ("exec", "eval", "compile"):
+        monkeypatch.setattr(builtins, name, refuse)

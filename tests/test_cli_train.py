@@ -170,7 +170,7 @@ def test_bad_datasets(tmp_path, data):
     ("--arch", "unet9000", "'--arch'"), ("--precond", "rectified", "'--precond'"), ("--loss", "l1", "'--loss'"),
     ("--batch-gpu", "3", "not divisible by processes x --batch-gpu"), ("--cond-drop", "0.1", "--cond-drop needs"),
     ("--phema", "0.3", "sigma_rel"), ("--cres", "1,2,3,4,5,6", "does not run on 1x8x8 images"),
-    ("--net-opt", "warp_drive=1", "cannot build"), ("--precision", "fp16", "CUDA only"),
+    ("--net-opt", "warp_drive=1", "backbone has no such argument"), ("--precision", "fp16", "CUDA only"),
     ("--device", "tpu9", "unknown --device"),
 ])
 def test_bad_options(data, tmp_path, option, value, fragment):

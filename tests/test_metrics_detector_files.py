@@ -33,7 +33,7 @@ from edm_toolkit.metrics.detector_files import (DETECTOR_ENV, detector_from_stat
                                                 load_detector, read_detector_weights, torchvision_names)
 from edm_toolkit.metrics.inception import (ConvBN, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE,
                                            InceptionV3)
-from test_edm_pickle import Hostile, edm_globals, no_code_execution, writing_source  # noqa: F401  (a fixture)
+from test_edm_pickle import Hostile, edm_globals, writing_source
 from test_metrics_detector import random_state_dict
 
 

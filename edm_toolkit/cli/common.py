@@ -45,3 +45,32 @@ def load_network(path, device, echo=True, **source):
     if echo:
         click.echo(f"Loading network from {str(path)!r}...", err=True)
     return load_denoiser(path, device=device, **source)
+
+
+def training_run_options(command):
+    """The options every training command shares (EDM train.py's names, defaults and help): the run's
+    --batch-gpu, --ls, --bench, --cache, --workers, --device and the I/O options --desc, --nosubdir, --tick,
+    --snap, --dump, --seed."""
+    from .types import Bool, Count, Number
+
+    options = [
+        click.option("--batch-gpu", type=Count(min=1), default=None, metavar="INT",
+                     help="Limit batch size per process (gradient accumulation)"),
+        click.option("--ls", type=Number(min=0, min_open=True), default=1, metavar="FLOAT", help="Loss scaling"),
+        click.option("--bench", type=Bool(), default=True, metavar="BOOL", help="Enable cuDNN benchmarking"),
+        click.option("--cache", type=Bool(), default=True, metavar="BOOL", help="Cache dataset in CPU memory"),
+        click.option("--workers", type=Count(min=0), default=1, metavar="INT",
+                     help="DataLoader worker processes (0: load in the training process)"),
+        click.option("--device", default=None, metavar="DEVICE",
+                     help="Torch device  [default: cuda if available, else cpu]"),
+        click.option("--desc", default=None, metavar="STR", help="String to include in result dir name"),
+        click.option("--nosubdir", is_flag=True, help="Do not create a subdirectory for results"),
+        click.option("--tick", type=Number(min=0, min_open=True), default=50, metavar="KIMG",
+                     help="How often to print progress"),
+        click.option("--snap", type=Count(min=1), default=50, metavar="TICKS", help="How often to save snapshots"),
+        click.option("--dump", type=Count(min=1), default=500, metavar="TICKS", help="How often to dump state"),
+        click.option("--seed", type=Count(min=0), default=None, metavar="INT", help="Random seed  [default: random]"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command

@@ -12,6 +12,7 @@ from ..discretizations import MAX_STEPS
 from ..losses import LOSSES, STEP_SAMPLERS
 from ..precond import PRECONDITIONERS
 from ..registry import show
+from .common import training_run_options
 from .types import Bool, Count, Number, NumberList, OutputDir, Seeds
 
 
@@ -76,8 +77,6 @@ def _architectures():
 @click.option("--duration", type=Number(min=0, min_open=True), default=200, metavar="MIMG",
               help="Training duration")
 @click.option("--batch", type=Count(min=1), default=512, metavar="INT", help="Total batch size")
-@click.option("--batch-gpu", type=Count(min=1), default=None, metavar="INT",
-              help="Limit batch size per process (gradient accumulation)")
 @click.option("--cbase", type=Count(min=1), default=None, metavar="INT", help="Channel multiplier  [default: varies]")
 @click.option("--cres", type=NumberList(Count(min=1)), default=None, metavar="LIST",
               help="Channels per resolution  [default: varies]")
@@ -101,20 +100,7 @@ def _architectures():
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Network precision: fp32 (faithful), bf16 (autocast), fp16 (EDM's --fp16, CUDA)  [default: fp32]")
 @click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (slow start, faster steps)")
-@click.option("--ls", type=Number(min=0, min_open=True), default=1, metavar="FLOAT", help="Loss scaling")
-@click.option("--bench", type=Bool(), default=True, metavar="BOOL", help="Enable cuDNN benchmarking")
-@click.option("--cache", type=Bool(), default=True, metavar="BOOL", help="Cache dataset in CPU memory")
-@click.option("--workers", type=Count(min=0), default=1, metavar="INT",
-              help="DataLoader worker processes (0: load in the training process)")
-@click.option("--device", default=None, metavar="DEVICE", help="Torch device  [default: cuda if available, else cpu]")
-# I/O-related.
-@click.option("--desc", default=None, metavar="STR", help="String to include in result dir name")
-@click.option("--nosubdir", is_flag=True, help="Do not create a subdirectory for results")
-@click.option("--tick", type=Number(min=0, min_open=True), default=50, metavar="KIMG",
-              help="How often to print progress")
-@click.option("--snap", type=Count(min=1), default=50, metavar="TICKS", help="How often to save snapshots")
-@click.option("--dump", type=Count(min=1), default=500, metavar="TICKS", help="How often to dump state")
-@click.option("--seed", type=Count(min=0), default=None, metavar="INT", help="Random seed  [default: random]")
+@training_run_options
 @click.option("--transfer", default=None, metavar="PATH", help="Transfer learning from a network file (any supported format)")
 @click.option("--resume", default=None, metavar="PT|DIR|auto",
               help="Resume from a training state, the latest one in a run directory, or 'auto' (the latest run "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..discretizations import MAX_STEPS
+from .common import training_run_options
 from .types import Bool, Count, Number, OutputDir
 
 
@@ -22,8 +23,6 @@ from .types import Bool, Count, Number, OutputDir
 @click.option("--duration", type=Number(min=0, min_open=True), default=76.8, metavar="MIMG",
               help="Training duration (300k iterations of 256 images)")
 @click.option("--batch", type=Count(min=1), default=256, metavar="INT", help="Total batch size")
-@click.option("--batch-gpu", type=Count(min=1), default=None, metavar="INT",
-              help="Limit batch size per process (gradient accumulation)")
 @click.option("--lr", type=Number(min=0, min_open=True), default=3e-4, metavar="FLOAT",
               help="Learning rate (AdamW)")
 @click.option("--weight-decay", type=Number(min=0), default=0.05, metavar="FLOAT", help="AdamW weight decay")
@@ -35,19 +34,7 @@ from .types import Bool, Count, Number, OutputDir
 @click.option("--xflip", type=Bool(), default=False, metavar="BOOL", help="Enable dataset x-flips (EDM's)")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", help="Network precision")
 @click.option("--compile", "compile_net", is_flag=True, help="torch.compile the classifier")
-@click.option("--ls", type=Number(min=0, min_open=True), default=1, metavar="FLOAT", help="Loss scaling")
-@click.option("--bench", type=Bool(), default=True, metavar="BOOL", help="Enable cuDNN benchmarking")
-@click.option("--cache", type=Bool(), default=True, metavar="BOOL", help="Cache dataset in CPU memory")
-@click.option("--workers", type=Count(min=0), default=1, metavar="INT",
-              help="DataLoader worker processes (0: load in the training process)")
-@click.option("--device", default=None, metavar="DEVICE", help="Torch device  [default: cuda if available, else cpu]")
-@click.option("--desc", default=None, metavar="STR", help="String to include in result dir name")
-@click.option("--nosubdir", is_flag=True, help="Do not create a subdirectory for results")
-@click.option("--tick", type=Number(min=0, min_open=True), default=50, metavar="KIMG",
-              help="How often to print progress")
-@click.option("--snap", type=Count(min=1), default=50, metavar="TICKS", help="How often to save snapshots")
-@click.option("--dump", type=Count(min=1), default=500, metavar="TICKS", help="How often to dump state")
-@click.option("--seed", type=Count(min=0), default=None, metavar="INT", help="Random seed  [default: random]")
+@training_run_options
 @click.option("--resume", default=None, metavar="PT|DIR|auto",
               help="Resume from a training state, the latest one in a run directory, or 'auto'")
 def train_classifier(compile_net, **options):

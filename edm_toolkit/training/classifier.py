@@ -36,7 +36,7 @@ from ..io.formats import model_config
 from ..losses import UniformStepSampler
 from .architectures import CONSTRUCTOR_ERRORS, check_model_flags, parameter_count
 from .loop import Meters, TrainingRun
-from .options import PRECISIONS, OptionsRecord, check_desc
+from .options import PRECISIONS, OptionsRecord, is_finite_number
 from .samples import ImageSource
 from .streams import TrainingStreams
 
@@ -86,23 +86,11 @@ class ClassifierOptions(OptionsRecord):
             if not condition:
                 raise ConfigError(message)
 
-        finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
-        need(finite(self.duration) and self.duration > 0, f"--duration must be > 0 Mimg, got {self.duration}")
-        need(self.batch >= 1, f"--batch must be >= 1, got {self.batch}")
-        need(self.batch_gpu is None or self.batch_gpu >= 1, f"--batch-gpu must be >= 1, got {self.batch_gpu}")
-        need(finite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        need(finite(self.weight_decay) and self.weight_decay >= 0,
+        need(is_finite_number(self.weight_decay) and self.weight_decay >= 0,
              f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(self.precision in PRECISIONS and self.precision != "fp16",
              f"--precision {self.precision!r}: a classifier trains in fp32 or bf16")
-        need(finite(self.ls) and self.ls > 0, f"--ls must be > 0, got {self.ls}")
-        need(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
-        need(finite(self.tick) and self.tick > 0, f"--tick must be > 0 kimg, got {self.tick}")
-        need(self.snap >= 1 and self.dump >= 1, "--snap and --dump must be >= 1 tick")
-        need(self.seed is None or 0 <= self.seed < 1 << 63, f"--seed must be a non-negative integer, got {self.seed}")
-        need(self.diffusion_steps is None or self.diffusion_steps >= 1,
-             f"--diffusion-steps must be >= 1, got {self.diffusion_steps}")
-        check_desc(self.desc)
+        self.check_run()
 
 
 def classifier_flags(model_flags: str | None, *, resolution: int, noise_schedule: str | None = None,

@@ -60,6 +60,26 @@ class OptionsRecord:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+    def check_run(self) -> None:
+        """Validates the fields every training run has (train.py's units: --duration in Mimg, --tick in kimg,
+        --snap/--dump in ticks)."""
+        checks = (
+            (is_finite_number(self.duration) and self.duration > 0, f"--duration must be > 0 Mimg, got {self.duration}"),
+            (self.batch >= 1, f"--batch must be >= 1, got {self.batch}"),
+            (self.batch_gpu is None or self.batch_gpu >= 1, f"--batch-gpu must be >= 1, got {self.batch_gpu}"),
+            (is_finite_number(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (is_finite_number(self.ls) and self.ls > 0, f"--ls must be > 0, got {self.ls}"),
+            (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+            (is_finite_number(self.tick) and self.tick > 0, f"--tick must be > 0 kimg, got {self.tick}"),
+            (self.snap >= 1 and self.dump >= 1, "--snap and --dump must be >= 1 tick"),
+            (self.seed is None or 0 <= self.seed < 1 << 63, f"--seed must be a non-negative integer, got {self.seed}"),
+            (self.diffusion_steps is None or self.diffusion_steps >= 1,
+             f"--diffusion-steps must be >= 1, got {self.diffusion_steps}"),
+        )
+        for holds, message in checks:
+            if not holds:
+                raise ConfigError(message)
+
 
 @dataclass(frozen=True)
 class TrainingOptions(OptionsRecord):
@@ -141,8 +161,6 @@ class TrainingOptions(OptionsRecord):
                                     "iddpm or --arch guided")
             object.__setattr__(self, "dropout", EDM_DROPOUT if self.dropout is None else self.dropout)
             object.__setattr__(self, "augment", EDM_AUGMENT if self.augment is None else self.augment)
-        need(self.diffusion_steps is None or self.diffusion_steps >= 1,
-             f"--diffusion-steps must be >= 1, got {self.diffusion_steps}")
         for name in self.metrics:
             metric_images(name)
         need(len(set(self.metrics)) == len(self.metrics), f"--metrics lists a metric twice: {list(self.metrics)}")
@@ -150,16 +168,12 @@ class TrainingOptions(OptionsRecord):
              "--metrics needs --ref REF.npz (reference statistics: edm fid ref)" if self.metrics
              else "--ref is the reference of --metrics: add --metrics fid50k (or fid10k)")
         need(self.precision in PRECISIONS, f"unknown --precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
-        need(_finite(self.duration) and self.duration > 0, f"--duration must be > 0 Mimg, got {self.duration}")
-        need(self.batch >= 1, f"--batch must be >= 1, got {self.batch}")
-        need(self.batch_gpu is None or self.batch_gpu >= 1, f"--batch-gpu must be >= 1, got {self.batch_gpu}")
         need(self.cbase is None or self.cbase >= 1, f"--cbase must be >= 1, got {self.cbase}")
         need(self.cres is None or (len(self.cres) > 0 and all(c >= 1 for c in self.cres)),
              f"--cres must be a list of positive integers, got {self.cres}")
-        need(_finite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        need(_finite(self.lr_rampup) and self.lr_rampup >= 0, f"--lr-rampup must be >= 0 kimg, got {self.lr_rampup}")
-        need(_finite(self.ema) and self.ema >= 0, f"--ema must be >= 0 Mimg, got {self.ema}")
-        need(self.ema_rampup is None or (_finite(self.ema_rampup) and self.ema_rampup > 0),
+        need(is_finite_number(self.lr_rampup) and self.lr_rampup >= 0, f"--lr-rampup must be >= 0 kimg, got {self.lr_rampup}")
+        need(is_finite_number(self.ema) and self.ema >= 0, f"--ema must be >= 0 Mimg, got {self.ema}")
+        need(self.ema_rampup is None or (is_finite_number(self.ema_rampup) and self.ema_rampup > 0),
              f"--ema-rampup must be > 0, got {self.ema_rampup}")
         for sigma_rel in self.phema:
             check_sigma_rel(sigma_rel)
@@ -168,15 +182,11 @@ class TrainingOptions(OptionsRecord):
         need(self.augment is None or 0 <= self.augment <= 1, f"--augment must lie in [0, 1], got {self.augment}")
         need(0 <= self.cond_drop <= 1, f"--cond-drop must lie in [0, 1], got {self.cond_drop}")
         need(self.cond or self.cond_drop == 0, "--cond-drop needs a conditional model: add --cond 1")
-        need(_finite(self.ls) and self.ls > 0, f"--ls must be > 0, got {self.ls}")
-        need(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
-        need(_finite(self.tick) and self.tick > 0, f"--tick must be > 0 kimg, got {self.tick}")
-        need(self.snap >= 1 and self.dump >= 1, "--snap and --dump must be >= 1 tick")
-        need(self.seed is None or 0 <= self.seed < 1 << 63, f"--seed must be a non-negative integer, got {self.seed}")
         need(self.transfer is None or self.resume is None, "--transfer and --resume cannot be given together")
         need(self.grid_seeds is None or len(self.grid_seeds) > 0, "--grid-seeds is empty")
         need(isinstance(self.net_opts, dict), "net_opts must be a dict")
         check_net_opts(self.net_opts, self.arch)
+        self.check_run()
         check_desc(self.desc)
 
     def arch_known(self) -> bool:
@@ -190,8 +200,7 @@ class TrainingOptions(OptionsRecord):
         return self.arch in OPENAI_ARCHITECTURES
 
 
-
-def _finite(value) -> bool:
+def is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
