@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..registry import show
-from .types import Count, Number, OutputDir, check_file_name
+from .types import Count, Number, OutputDir, ParsedList, check_file_name
 
 
 MAX_WIDTHS = 1000  # widths in one list; EDM2's finest sweeps hold a few hundred
@@ -52,16 +52,6 @@ def parse_sigma_rels(value) -> list[float]:
     return sorted(set(round(v, 12) for v in out))
 
 
-class _SigmaRels(click.ParamType):
-    name = "LIST"
-
-    def convert(self, value, param, ctx):
-        try:
-            return parse_sigma_rels(value)
-        except click.BadParameter as exc:
-            self.fail(exc.message, param, ctx)
-
-
 class _Prefix(click.ParamType):
     """--outprefix: the start of a file name (PREFIX-KIMG-SIGMA_REL.pt), so no '/' and not empty."""
 
@@ -76,12 +66,12 @@ class _Prefix(click.ParamType):
 
 @click.command(context_settings={"show_default": True})
 @click.option("--indir", required=True, metavar="DIR", help="Run directory holding power-ema-*.pt snapshots")
-@click.option("--instd", type=_SigmaRels(), default=None, metavar="LIST",
+@click.option("--instd", type=ParsedList(parse_sigma_rels), default=None, metavar="LIST",
               help="Use only the snapshots of these widths  [default: all]")
 @click.option("--outdir", required=True, metavar="DIR", type=OutputDir(),
               help="Where to write the reconstructed network files")
 @click.option("--outprefix", type=_Prefix(), default="phema", metavar="STR", help="Output file name prefix")
-@click.option("--outstd", type=_SigmaRels(), required=True, metavar="LIST",
+@click.option("--outstd", type=ParsedList(parse_sigma_rels), required=True, metavar="LIST",
               help="Widths sigma_rel to reconstruct, 0 < sigma_rel < 0.289 (e.g. 0.05,0.06,...,0.15)")
 @click.option("--outkimg", type=Count(min=0), default=None, metavar="KIMG",
               help="Reconstruct at the snapshot of this kimg  [default: the latest]")

@@ -122,6 +122,25 @@ def parameter_count(module: nn.Module) -> int:
 # improved-/guided-diffusion models on their own grid
 
 
+def given_model_flags(model_flags: str | None, **options: Any) -> dict[str, Any]:
+    """The flags ``--model-flags`` gives in the original syntax (checked by check_model_flags), with the options
+    that set a flag of the same name (``--noise-schedule`` sets ``--noise_schedule``, ...) where given; an option
+    that contradicts the flag is refused."""
+    try:
+        given = parse_model_flags(model_flags or "")
+    except ValueError as exc:
+        raise ConfigError(f"--model-flags: {exc}") from None
+    check_model_flags(given)
+    for flag, value in options.items():
+        if value is None:
+            continue
+        if flag in given and given[flag] != value:
+            option = "--" + flag.replace("_", "-")
+            raise ConfigError(f"{option} {value} contradicts --model-flags '--{flag} {given[flag]}'; give one of them")
+        given[flag] = value
+    return given
+
+
 def openai_flags(arch: str, model_flags: str | None, *, resolution: int, cond: bool, dropout: float | None = None,
                  noise_schedule: str | None = None, diffusion_steps: int | None = None) -> dict[str, Any]:
     """The complete flags of the model ``--arch iddpm|guided`` trains: ``--model-flags`` in the original syntax,
@@ -129,19 +148,8 @@ def openai_flags(arch: str, model_flags: str | None, *, resolution: int, cond: b
     data's resolution (``--image_size``, or ``--large_size`` of an upsampler), then the code base's defaults.
     A flag that contradicts an option or the data is refused."""
     codebase = OPENAI_ARCHITECTURES[arch]
-    try:
-        given = parse_model_flags(model_flags or "")
-    except ValueError as exc:
-        raise ConfigError(f"--model-flags: {exc}") from None
-    check_model_flags(given)
-    for option, flag, value in (("--noise-schedule", "noise_schedule", noise_schedule),
-                                ("--diffusion-steps", "diffusion_steps", diffusion_steps),
-                                ("--dropout", "dropout", dropout)):
-        if value is None:
-            continue
-        if flag in given and given[flag] != value:
-            raise ConfigError(f"{option} {value} contradicts --model-flags '--{flag} {given[flag]}'; give one of them")
-        given[flag] = value
+    given = given_model_flags(model_flags, noise_schedule=noise_schedule, diffusion_steps=diffusion_steps,
+                              dropout=dropout)
     if given.setdefault("class_cond", bool(cond)) != bool(cond):
         raise ConfigError(f"--model-flags '--class_cond {given['class_cond']}' contradicts --cond {int(cond)}; a "
                           "class-conditional model takes the dataset's labels: use --cond 1 (and no --class_cond)")

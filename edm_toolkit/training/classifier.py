@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..adapters.openai import OpenAIClassifier, OpenAIDiffusion
-from ..adapters.openai_flags import classifier_defaults, classifier_from_flags, parse_model_flags
+from ..adapters.openai_flags import classifier_defaults, classifier_from_flags
 from ..checkpoints import save_model
 from ..errors import ConfigError
 from ..io.formats import model_config
 from ..losses import UniformStepSampler
-from .architectures import CONSTRUCTOR_ERRORS, check_model_flags, parameter_count
+from .architectures import CONSTRUCTOR_ERRORS, given_model_flags, parameter_count
 from .loop import Meters, TrainingRun
 from .options import PRECISIONS, OptionsRecord, is_finite_number
 from .samples import ImageSource
@@ -97,18 +97,7 @@ def classifier_flags(model_flags: str | None, *, resolution: int, noise_schedule
                      diffusion_steps: int | None = None) -> dict[str, Any]:
     """The complete flags of the classifier: --model-flags in the original syntax, the options that set a flag, the
     data's resolution (--image_size), then ``classifier_and_diffusion_defaults``."""
-    try:
-        given = parse_model_flags(model_flags or "")
-    except ValueError as exc:
-        raise ConfigError(f"--model-flags: {exc}") from None
-    check_model_flags(given)
-    for option, flag, value in (("--noise-schedule", "noise_schedule", noise_schedule),
-                                ("--diffusion-steps", "diffusion_steps", diffusion_steps)):
-        if value is not None:
-            if flag in given and given[flag] != value:
-                raise ConfigError(f"{option} {value} contradicts --model-flags '--{flag} {given[flag]}'; give one of "
-                                  "them")
-            given[flag] = value
+    given = given_model_flags(model_flags, noise_schedule=noise_schedule, diffusion_steps=diffusion_steps)
     if given.setdefault("image_size", resolution) != resolution:
         raise ConfigError(f"--model-flags '--image_size {given['image_size']}' but the dataset's images are "
                           f"{resolution}x{resolution}; drop the flag or use a dataset of that resolution")
