@@ -1,6 +1,6 @@
 """The built-in models, shipped in the package so that ``edm generate`` works right after installing, offline.
 
-* :func:`default_model`: a class-conditional DDPM++ (EDM preconditioning, 1.75M parameters, 32x32 grayscale,
+* :func:`default_model`: a class-conditional DDPM++ (EDM preconditioning, 1.03M parameters, 32x32 grayscale,
   10 classes) that ``edm train`` trained on the animal-mnist silhouettes (MIT licence; bear, bird, cat, cow, dog,
   elephant, giraffe, horse, sheep, zebra) on a 2-core CPU. Its recipe, one command, is tools/train_default_model.py;
   its measured quality is in docs/default_model.md. ``edm generate`` without ``--network`` samples it.

@@ -107,17 +107,22 @@ def class_samples(net, sampler, per_class: int, seed0: int = 1_000_000, batch: i
     return torch.cat(images), torch.tensor(classes)
 
 
-def fid(net, sampler, workdir: Path, num: int, detector) -> float:
+def reference(workdir: Path, num: int | None, detector):
+    """FID reference statistics of the training images (all, or EDM's seeded choice of ``num``), cached."""
     from edm_toolkit.metrics import FIDStatistics
-    from edm_toolkit.metrics.generated import generated_statistics
-    from edm_toolkit.metrics.image_files import ImageFolder
+    from edm_toolkit.metrics.image_files import ImageFolder, select_subset
     from edm_toolkit.metrics.pipeline import folder_statistics
 
-    ref_path = workdir / "train-ref.npz"
+    ref_path = workdir / f"train-ref-{num or 'all'}.npz"
     if not ref_path.exists():
         with ImageFolder(workdir / "train.zip") as folder:
-            folder_statistics(detector, folder, range(len(folder)), batch_size=100).save(ref_path)
-    ref = FIDStatistics.load(ref_path)
+            folder_statistics(detector, folder, select_subset(len(folder), num), batch_size=100).save(ref_path)
+    return FIDStatistics.load(ref_path)
+
+
+def fid(net, sampler, ref, num: int, detector) -> float:
+    from edm_toolkit.metrics.generated import generated_statistics
+
     stats = generated_statistics(net, sampler, list(range(num)), detector, batch_size=100, device="cpu")
     return stats.frechet_distance(ref)
 
@@ -127,6 +132,8 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/default-model"))
     parser.add_argument("--network", type=Path, default=None, help="a model file (default: the built-in model)")
     parser.add_argument("--num-fid", type=int, default=2000, help="generated images per FID")
+    parser.add_argument("--num-ref", type=int, default=None,
+                        help="training images of the FID reference (default: all 9,000)")
     parser.add_argument("--per-class", type=int, default=100, help="generated images per class for the accuracy")
     parser.add_argument("--no-fid", action="store_true", help="skip FID (it needs the detector weights)")
     args = parser.parse_args(argv)
@@ -143,11 +150,12 @@ def main(argv=None) -> None:
         from edm_toolkit.metrics import load_detector
 
         detector = load_detector()
+        ref = reference(args.workdir, args.num_ref, detector)
     rows = []
     for name, sampler in SAMPLERS.items():
         x, y = class_samples(net, sampler, args.per_class)
         generated_accuracy = accuracy(classifier, x, y)
-        value = fid(net, sampler, args.workdir, args.num_fid, detector) if detector is not None else None
+        value = fid(net, sampler, ref, args.num_fid, detector) if detector is not None else None
         rows.append((name, sampler.nfe, generated_accuracy, value))
         print(f"{name}: accuracy {generated_accuracy:.4f} ({generated_accuracy / real_accuracy:.2f} of real), "
               f"FID {value if value is None else round(value, 2)}", flush=True)
@@ -156,7 +164,7 @@ def main(argv=None) -> None:
     save_png(make_grid(list(to_uint8(grid_net)), columns=10), REPO / "docs" / "default_model_grid.png")
     lines = [
         f"Command: `python tools/bench_default_model.py --workdir WORKDIR --num-fid {args.num_fid} --per-class "
-        f"{args.per_class}`  ",
+        f"{args.per_class}" + (f" --num-ref {args.num_ref}" if args.num_ref else "") + "`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
         f"{(time.time() - started) / 60:.0f} minutes.",
         "",
@@ -164,7 +172,7 @@ def main(argv=None) -> None:
         "on the 1,000 held-out real images.",
         "",
         "| sampler | NFE | classifier accuracy on generated images | generated / real | "
-        f"FID ({args.num_fid:,} generated vs the 9,000 training images) |",
+        f"FID ({args.num_fid:,} generated vs {args.num_ref or 9000:,} training images) |",
         "|---|---:|---:|---:|---:|",
     ]
     for name, nfe, generated_accuracy, value in rows:

@@ -35,6 +35,8 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from prepare_wheel_dataset import ANIMAL_CLASSES, ArraySource, animal_mnist  # noqa: E402
 
+from _report import write_section  # noqa: E402
+
 from edm_toolkit.training.dataset_tool import convert_dataset  # noqa: E402
 
 HELD_OUT_PER_CLASS = 100
@@ -48,6 +50,12 @@ TRAIN_OPTIONS = [
     "--ema", "0.01", "--dropout", "0.05", "--augment", "0", "--xflip", "1", "--cond-drop", "0.1",
     "--duration", str(DURATION_KIMG / 1000), "--tick", "5", "--snap", "4", "--dump", "4", "--seed", "0", "--workers", "1",
 ]
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -86,10 +94,19 @@ def train(workdir: Path, data: Path) -> Path:
         "cpu_minutes": round((cpu.ru_utime + cpu.ru_stime - cpu_start.ru_utime - cpu_start.ru_stime) / 60, 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}",
         "load_average_at_end": round(os.getloadavg()[0], 2),
+        "torch": torch_version(),
     }
     (workdir / "record.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record, indent=1), file=sys.stderr)
+    write_record(record)
     return run
+
+
+def write_record(record: dict) -> None:
+    """docs/default_model.md's training section: the exact command, its duration and the machine."""
+    body = (f"```bash\n{record['command']}\n```\n\nTrained in {record['wall_minutes']} minutes "
+            f"({record['cpu_minutes']} CPU minutes) on {record['machine']}, torch {record.get('torch', '?')}.")
+    write_section("default-model-training", body, REPO / "docs" / "default_model.md")
 
 
 def install(run: Path) -> Path:
