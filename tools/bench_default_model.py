@@ -89,6 +89,18 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 8
     return model.eval()
 
 
+def evaluation_classifier(workdir: Path, images: torch.Tensor, labels: torch.Tensor) -> SmallCNN:
+    """The evaluation classifier, trained once per workdir (classifier.pt: a plain state_dict)."""
+    path = workdir / "classifier.pt"
+    if path.exists():
+        model = SmallCNN()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval()
+    model = train_classifier(images, labels)
+    torch.save(model.state_dict(), path)
+    return model
+
+
 def accuracy(model: SmallCNN, images_uint8: torch.Tensor, labels: torch.Tensor) -> float:
     with torch.no_grad():
         logits = torch.cat([model(images_uint8[i:i + 256].float() / 127.5 - 1) for i in range(0, len(labels), 256)])
@@ -142,7 +154,7 @@ def main(argv=None) -> None:
     images, labels = training_images(args.workdir)
     held_out = np.load(args.workdir / "held_out.npz")
     real_x, real_y = torch.from_numpy(held_out["images"])[:, None], torch.from_numpy(held_out["labels"])
-    classifier = train_classifier(images[:, :1], labels)
+    classifier = evaluation_classifier(args.workdir, images[:, :1], labels)
     real_accuracy = accuracy(classifier, real_x, real_y)
     print(f"classifier accuracy on held-out real images: {real_accuracy:.4f}", flush=True)
     detector = None
