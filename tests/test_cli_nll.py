@@ -121,7 +121,7 @@ def test_bad_input_gets_one_line_errors(tmp_path, rgb_data, discrete_model):
     one_error_line(run("--network", ideal, "--data", rgb_data, "--method", "ode", "--num", 6),
                    "--num 6 but the dataset holds 5 images")
     one_error_line(run("--data", rgb_data, "--method", "ode"), "holds 3x8x8 images but the network takes 1x32x32")
-    one_error_line(run("--network", ideal, "--data", tmp_path / "missing", "--method", "ode"), "does not exist")
+    one_error_line(run("--network", ideal, "--data", tmp_path / "missing", "--method", "ode"), "not found")
     one_error_line(run("--network", ideal, "--data", rgb_data, "--method", "ode", "--preset", "nope"), "unknown preset")
     conditional = tmp_path / "conditional.pt"
     save_model(IdealDenoiser(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]), label_dim=2), conditional)

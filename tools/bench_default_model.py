@@ -11,7 +11,8 @@ best low-NFE solver at 10 NFE) it reports, on class-conditional samples:
   each class; its accuracy on them is reported next to its accuracy on the 1,000 held-out real images (which
   neither the CNN nor the diffusion model saw). Generated / real >= 0.8 is the acceptance bar.
 
-It writes docs/default_model.md's measured section and the sample grid docs/default_model_grid.png.
+Each row is measured without guidance and with classifier-free guidance of each --guidance weight. It writes
+docs/default_model.md's measured section and the sample grids docs/default_model_grid*.png.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 import edm_toolkit as edm  # noqa: E402
+from edm_toolkit.guidance import ClassifierFreeGuidance  # noqa: E402
 from edm_toolkit.io.images import make_grid, save_png, to_uint8  # noqa: E402
 from edm_toolkit.training.dataset import ImageDataset  # noqa: E402
 
@@ -147,6 +149,8 @@ def main(argv=None) -> None:
     parser.add_argument("--num-ref", type=int, default=None,
                         help="training images of the FID reference (default: all 9,000)")
     parser.add_argument("--per-class", type=int, default=100, help="generated images per class for the accuracy")
+    parser.add_argument("--guidance", type=lambda v: [float(w) for w in v.split(",")], default=[1.0, 3.0],
+                        help="classifier-free guidance weights to measure, e.g. 1,3 (1: none)")
     parser.add_argument("--no-fid", action="store_true", help="skip FID (it needs the detector weights)")
     args = parser.parse_args(argv)
     started = time.time()
@@ -164,33 +168,45 @@ def main(argv=None) -> None:
         detector = load_detector()
         ref = reference(args.workdir, args.num_ref, detector)
     rows = []
-    for name, sampler in SAMPLERS.items():
-        x, y = class_samples(net, sampler, args.per_class)
-        generated_accuracy = accuracy(classifier, x, y)
-        value = fid(net, sampler, ref, args.num_fid, detector) if detector is not None else None
-        rows.append((name, sampler.nfe, generated_accuracy, value))
-        print(f"{name}: accuracy {generated_accuracy:.4f} ({generated_accuracy / real_accuracy:.2f} of real), "
-              f"FID {value if value is None else round(value, 2)}", flush=True)
-    grid_net = edm.sample_batch(net, SAMPLERS["heun, 35 NFE"], list(range(100)), "cpu",
-                                class_labels=torch.eye(10).repeat_interleave(10, dim=0))
-    save_png(make_grid(list(to_uint8(grid_net)), columns=10), REPO / "docs" / "default_model_grid.png")
+    for w in args.guidance:
+        guided = net if w == 1 else ClassifierFreeGuidance(net, w)
+        for name, sampler in SAMPLERS.items():
+            x, y = class_samples(guided, sampler, args.per_class)
+            generated_accuracy = accuracy(classifier, x, y)
+            value = fid(guided, sampler, ref, args.num_fid, detector) if detector is not None else None
+            rows.append((name, sampler.nfe, w, generated_accuracy, value))
+            print(f"{name}, guidance {w:g}: accuracy {generated_accuracy:.4f} ({generated_accuracy / real_accuracy:.2f} "
+                  f"of real), FID {value if value is None else round(value, 2)}", flush=True)
+    class_labels = torch.eye(10).repeat_interleave(10, dim=0)
+    grids = []
+    for w in args.guidance:
+        guided = net if w == 1 else ClassifierFreeGuidance(net, w)
+        grid = edm.sample_batch(guided, SAMPLERS["heun, 35 NFE"], list(range(100)), "cpu", class_labels=class_labels)
+        name = "default_model_grid.png" if w == 1 else f"default_model_grid_w{w:g}.png"
+        save_png(make_grid(list(to_uint8(grid)), columns=10), REPO / "docs" / name)
+        grids.append(f"![100 samples, heun at 35 NFE, guidance {w:g}, one row per class "
+                     f"({', '.join(CLASSES)})]({name})")
     lines = [
         f"Command: `python tools/bench_default_model.py --workdir WORKDIR --num-fid {args.num_fid} --per-class "
-        f"{args.per_class}" + (f" --num-ref {args.num_ref}" if args.num_ref else "") + "`  ",
+        f"{args.per_class} --guidance {','.join(f'{w:g}' for w in args.guidance)}"
+        + (f" --num-ref {args.num_ref}" if args.num_ref else "") + "`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
         f"{(time.time() - started) / 60:.0f} minutes.",
         "",
         f"Evaluation classifier (a small CNN trained on the 9,000 training images): accuracy **{real_accuracy:.3f}** "
         "on the 1,000 held-out real images.",
         "",
-        "| sampler | NFE | classifier accuracy on generated images | generated / real | "
+        "| sampler | NFE | guidance w | classifier accuracy on generated images | generated / real | "
         f"FID ({args.num_fid:,} generated vs {args.num_ref or 9000:,} training images) |",
-        "|---|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, nfe, generated_accuracy, value in rows:
-        lines.append(f"| {name} | {nfe} | {generated_accuracy:.3f} | {generated_accuracy / real_accuracy:.2f} | "
+    for name, nfe, w, generated_accuracy, value in rows:
+        lines.append(f"| {name} | {nfe} | {w:g} | {generated_accuracy:.3f} | {generated_accuracy / real_accuracy:.2f} | "
                      f"{'not run' if value is None else f'{value:.2f}'} |")
-    lines += ["", "![100 samples, heun at 35 NFE, one row per class](default_model_grid.png)"]
+    lines += ["", "Guidance w > 1 is classifier-free guidance (`edm generate --guidance W`; the model was trained with "
+              "10% label dropout): each step evaluates the network twice. NFE counts the solver's denoiser calls. "
+              f"Generated images: {args.per_class} per class for the accuracy (seeds 1,000,000 + ...), and for FID "
+              "seeds 0..N-1 with their classes drawn per seed as `edm generate` draws them.", "", *grids]
     write_section("default-model-quality", "\n".join(lines), REPO / "docs" / "default_model.md")
     print(json.dumps(rows), file=sys.stderr)
 

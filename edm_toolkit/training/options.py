@@ -79,6 +79,7 @@ class OptionsRecord:
         for holds, message in checks:
             if not holds:
                 raise ConfigError(message)
+        check_desc(self.desc)
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,6 @@ class TrainingOptions(OptionsRecord):
         need(isinstance(self.net_opts, dict), "net_opts must be a dict")
         check_net_opts(self.net_opts, self.arch)
         self.check_run()
-        check_desc(self.desc)
 
     def arch_known(self) -> bool:
         return self.arch in _architectures()
