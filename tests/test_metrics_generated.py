@@ -185,6 +185,7 @@ def test_generate_fid_measures_without_writing(net, detector_file, tmp_path):
     assert result.exit_code == 2 and "3-dimensional statistics" in result.stderr
 
 
+@pytest.mark.slow  # a benchmark tool end to end: about a minute of CPU
 def test_fid_sweep_tool_writes_table_and_plot(net, detector_file, tmp_path):
     """tools/fid_sweep.py: one FID per solver and step count, indexed by the NFE each run cost; a table and a
     plot. The values are the same as edm generate --fid's for that setting."""
