@@ -62,10 +62,11 @@ CPU_NOTE = (
     "the network benchmark), compile (minutes of compilation per shape), fp16 (CUDA only, as EDM's --fp16). The GPU "
     "goal (the official step on an H200 at batch 256: 1007 img/s fp32, 1646 img/s fp16; target >= 2x the official "
     "fp16 with bf16/compile) needs `--device cuda --batch 256 --options fp32,fp16,bf16,bf16+compile` on a GPU; no GPU "
-    "was lent to the session that wrote this section. The 2-3% gap of fp32 is the network's self-attention output, "
-    "which keeps a channels-last stride pattern so that every later convolution copies its layout (network forward "
-    "and backward alone at batch 2, CPU time: 3.47 s against EDM's 3.35 s; in a second run with a contiguous "
-    "attention output, 3.44 s against 3.43 s).")
+    "was lent to the session that wrote this section. The network's forward and backward alone are at parity (batch "
+    "2, CPU time: 3.44 s against EDM's 3.43 s, once the self-attention output is made contiguous, so that later "
+    "convolutions no longer copy a channels-last layout); what remains of the gap is the loop's own work (data "
+    "order, per-sample draws, batch assembly, EMA), which the official figure here leaves out, and it is smaller "
+    "than the spread between rounds (about 10% on this machine).")
 
 
 class RandomImages:
