@@ -246,3 +246,16 @@ def test_docs_quickstart_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(code, "docs/training.md", "exec"), namespace)
     assert (namespace["run_dir"] / "network-snapshot-000000.pt").is_file()
+
+
+def test_cres_takes_edms_int_list_syntax():
+    """train.py reads --cres with parse_int_list: '1-3' is 1,2,3; the list stays bounded."""
+    import click
+
+    from edm_toolkit.cli.types import MAX_LIST, Count, NumberList
+
+    cres = NumberList(Count(min=1))
+    assert cres.convert("1,2-4,2", None, None) == (1, 2, 3, 4, 2)
+    for bad in (f"1-{MAX_LIST + 1}", "3-1", "0-2"):
+        with pytest.raises(click.BadParameter):
+            cres.convert(bad, None, None)

@@ -139,7 +139,8 @@ class Bool(click.types.BoolParamType):
 
 class NumberList(click.ParamType):
     """A comma-separated list of at most MAX_LIST numbers, each converted by ``item`` (a Number or Count), e.g.
-    --cres 1,2,2,2; empty text or an empty item is refused. Converts to a tuple."""
+    --cres 1,2,2,2; integer lists also take EDM's ranges (1-3 is 1,2,3). Empty text or an empty item is refused.
+    Converts to a tuple."""
 
     name = "LIST"
 
@@ -156,10 +157,20 @@ class NumberList(click.ParamType):
             self.fail(f"{show(value)} has an empty item; give numbers separated by commas, e.g. 1,2,2", param, ctx)
         items = []
         for part in parts:
-            try:
-                items.append(self.item.convert(part.strip(), None, None))
-            except click.BadParameter as exc:
-                self.fail(f"item {show(part.strip(), 24)}: {exc.message}", param, ctx)
+            span = re.fullmatch(r"([0-9]{1,9})-([0-9]{1,9})", part.strip()) if isinstance(self.item, click.IntRange) else None
+            if span:  # EDM's parse_int_list: lo-hi stands for lo, lo + 1, ..., hi
+                lo, hi = int(span.group(1)), int(span.group(2))
+                if hi < lo or len(items) + hi - lo + 1 > MAX_LIST:
+                    self.fail(f"range {show(part.strip(), 24)} is empty or makes more than {MAX_LIST} items", param,
+                              ctx)
+                texts = [str(v) for v in range(lo, hi + 1)]
+            else:
+                texts = [part.strip()]
+            for text in texts:
+                try:
+                    items.append(self.item.convert(text, None, None))
+                except click.BadParameter as exc:
+                    self.fail(f"item {show(text, 24)}: {exc.message}", param, ctx)
         return tuple(items)
 
 
