@@ -27,15 +27,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from test_edm_pickle import Hostile, edm_globals, snapshot, toolkit_network, write_pickle
 from test_metrics_detector import random_state_dict
 from test_metrics_detector_files import pytorch_fid_state, write_nvidia_pickle
-from test_security_files import CraftingPickler, Raw, StorageRef, View, bounded
+from test_formats import cli, one_error
+from test_security_files import CraftingPickler, Raw, StorageRef, View, bounded, write_zero_record
 
 from edm_toolkit.adapters.edm_pickle import read_restricted
-from edm_toolkit.cli import main
 from edm_toolkit.errors import CheckpointError
 from edm_toolkit.io.formats import FORMATS, format_kind
 from edm_toolkit.loading import convert_file, identify, load_denoiser
@@ -49,15 +48,6 @@ SYS_INFO = {"protocol_version": LEGACY_PROTOCOL, "little_endian": sys.byteorder 
             "type_sizes": {"short": 2, "int": 4, "long": 4}}
 
 
-def cli(*args) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.stderr, result.stdout
-
-
-def one_error(stderr: str) -> str:
-    errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "Traceback" not in stderr, stderr
-    return errors[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -139,12 +129,7 @@ def write_archive(path: Path, obj, script: bool = False, records: dict | None = 
         for key, raw in records.items():
             archive.writestr(f"archive/data/{key}", raw)
         for key, numel in (zeros or {}).items():
-            info = zipfile.ZipInfo(f"archive/data/{key}")
-            info.compress_type = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
-            with archive.open(info, "w", force_zip64=True) as record:
-                chunk = bytes(2**22)
-                for start in range(0, numel * 4, len(chunk)):
-                    record.write(chunk[: min(len(chunk), numel * 4 - start)])
+            write_zero_record(archive, f"archive/data/{key}", numel, compress)
         archive.writestr("archive/version", "3\n")
     return path
 

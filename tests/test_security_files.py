@@ -164,14 +164,19 @@ def write_zip_by_hand(path, obj, records: dict[str, int], compress: bool):
         archive.writestr("archive/data.pkl", data.getvalue())
         archive.writestr("archive/byteorder", "little")
         for key, numel in records.items():
-            info = zipfile.ZipInfo(f"archive/data/{key}")
-            info.compress_type = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
-            with archive.open(info, "w", force_zip64=True) as record:
-                chunk = bytes(2**22)
-                for start in range(0, numel * 4, len(chunk)):
-                    record.write(chunk[: min(len(chunk), numel * 4 - start)])
+            write_zero_record(archive, f"archive/data/{key}", numel, compress)
         archive.writestr("archive/version", "3\n")
     return path
+
+
+def write_zero_record(archive: zipfile.ZipFile, name: str, numel: int, compress: bool) -> None:
+    """A zip record of ``numel`` float32 zeros, streamed in 4 MB chunks (deflated with ``compress``)."""
+    info = zipfile.ZipInfo(name)
+    info.compress_type = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with archive.open(info, "w", force_zip64=True) as record:
+        chunk = bytes(2**22)
+        for start in range(0, numel * 4, len(chunk)):
+            record.write(chunk[: min(len(chunk), numel * 4 - start)])
 
 
 def huge_song_unet_precond(kind: str, model_channels: int = 256) -> VPPrecond:
